@@ -43,21 +43,9 @@ _register_all()
 
 
 def main() -> None:
-    """Entry point of both console scripts."""
+    """Entry point of both console scripts; click handles usage errors and exit codes."""
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -38,7 +38,9 @@ class CanonName:
 
     def __post_init__(self) -> None:
         if self.model not in self.models:
-            raise InvalidCanonName(f"unknown model {self.model!r} (known: {', '.join(self.models)})")
+            raise InvalidCanonName(
+                f"unknown model {self.model!r} (known: {', '.join(self.models)})"
+            )
         if self.format not in FORMATS:
             raise InvalidCanonName(f"unknown format {self.format!r} (known: {', '.join(FORMATS)})")
         if not self.tags:

@@ -1,0 +1,64 @@
+"""What every command shares: settings, the account option, a database session, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import asyncpg
+import typer
+
+from gardener import logs
+from gardener.ledger import db, migrate
+from gardener.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+AccountOpt = Annotated[
+    str | None,
+    typer.Option("--account", envvar="GARDENER_ACCOUNT", help="Account to act for (acc1, ...)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def settings() -> Settings:
+    s = get_settings()
+    logs.configure(s.log_format, s.log_level, stream=sys.stderr)
+    return s
+
+
+def account(value: str | None) -> str:
+    return settings().require_account(value)
+
+
+def with_db(
+    fn: Callable[[asyncpg.Connection], Awaitable[T]], *, apply_migrations: bool = True
+) -> T:
+    """Run ``fn`` on one connection to the configured (or embedded) database."""
+
+    async def main() -> T:
+        dsn, _ = db.resolve_dsn(settings())
+        conn = await db.connect(dsn)
+        try:
+            if apply_migrations:
+                await migrate.migrate(conn)
+            return await fn(conn)
+        finally:
+            await conn.close()
+
+    return anyio.run(main)
+
+
+def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
+    """JSON for scripts, or the human rendering."""
+    if as_json:
+        typer.echo(json.dumps(data, default=str, indent=2))
+    else:
+        human()
+
+
+def rows_to_dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows]

@@ -1,0 +1,117 @@
+-- name: next_exp_id
+-- The id the next claim would get, without taking it: skips ids claimed explicitly.
+WITH seq AS (
+    SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END AS v FROM exp_id_seq
+)
+SELECT min(c) FROM seq, generate_series((SELECT v FROM seq), 9999) AS c
+WHERE NOT EXISTS (SELECT 1 FROM exp_ids e WHERE e.exp_id = c)
+
+-- name: claim_from_sequence
+INSERT INTO exp_ids (exp_id, account, claimed_by)
+VALUES (nextval('exp_id_seq'), $1, $2)
+ON CONFLICT (exp_id) DO NOTHING
+RETURNING exp_id
+
+-- name: exp_id_row
+SELECT e.exp_id, e.account, e.canon_name, e.claimed_by, s.exp_id IS NOT NULL AS is_slot,
+       s.locked, s.canon_name AS slot_canon
+FROM exp_ids e LEFT JOIN champion_slots s USING (exp_id)
+WHERE e.exp_id = $1
+
+-- name: claim_exact_exp_id
+INSERT INTO exp_ids (exp_id, account, canon_name, claimed_by) VALUES ($1, $2, $3, $4)
+ON CONFLICT (exp_id) DO NOTHING
+RETURNING exp_id
+
+-- name: bind_exp_id
+UPDATE exp_ids SET canon_name = $2 WHERE exp_id = $1 AND canon_name IS NULL AND account = $3
+RETURNING exp_id
+
+-- name: champion_slots
+SELECT s.exp_id, s.canon_name, s.bpb, s.seed, s.locked, s.note,
+       t.desired_state, t.observed_state, t.account
+FROM champion_slots s LEFT JOIN igla_race_trials t ON t.canon_name = s.canon_name
+ORDER BY s.exp_id
+
+-- name: champion_slot_for_update
+SELECT s.exp_id, s.canon_name, s.locked, t.desired_state, t.observed_state, t.account
+FROM champion_slots s LEFT JOIN igla_race_trials t ON t.canon_name = s.canon_name
+WHERE s.exp_id = $1
+FOR UPDATE OF s
+
+-- name: rebind_champion_slot
+UPDATE champion_slots SET canon_name = $2, bpb = NULL, seed = $3, note = $4, updated_at = now()
+WHERE exp_id = $1
+
+-- name: ensure_race
+INSERT INTO races (name, account, kind, horizon, config) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (name) DO NOTHING
+
+-- name: race
+SELECT name, account, kind, status, horizon, config, created_at, finished_at FROM races WHERE name = $1
+
+-- name: use_seed
+INSERT INTO used_seeds (variant, seed, canon_name) VALUES ($1, $2, $3)
+ON CONFLICT (variant, seed) DO NOTHING
+RETURNING canon_name
+
+-- name: seed_owner
+SELECT canon_name FROM used_seeds WHERE variant = $1 AND seed = $2
+
+-- name: used_seeds_of
+SELECT seed FROM used_seeds WHERE variant = $1
+
+-- name: insert_trial
+INSERT INTO igla_race_trials (
+    canon_name, race, account, model, format, tags, variant, hidden_size, seed, exp_id,
+    parent, spawn_reason, seed_strategy, steps, variables, backend)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+ON CONFLICT (canon_name) DO NOTHING
+RETURNING canon_name
+
+-- name: trial
+SELECT * FROM igla_race_trials WHERE canon_name = $1
+
+-- name: trial_for_update
+SELECT * FROM igla_race_trials WHERE canon_name = $1 FOR UPDATE
+
+-- name: set_desired_state
+UPDATE igla_race_trials SET desired_state = $2, updated_at = now() WHERE canon_name = $1
+
+-- name: insert_decision
+INSERT INTO gardener_decisions (
+    race, rung, canon_name, action, seed_state, numbers, reason, applied, applied_at,
+    held_reason, decided_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 THEN now() END, $9, $10)
+ON CONFLICT (canon_name, rung, action) WHERE applied DO NOTHING
+RETURNING id
+
+-- name: control
+SELECT paused, reason, changed_by, changed_at FROM gardener_control WHERE id = 1
+
+-- name: set_paused
+UPDATE gardener_control SET paused = $1, reason = $2, changed_by = $3, changed_at = now()
+WHERE id = 1
+RETURNING paused, reason, changed_by, changed_at
+
+-- name: tripwire_for_update
+SELECT t.*, coalesce(tr.account, r.account) AS account
+FROM tripwire_events t
+LEFT JOIN igla_race_trials tr ON tr.canon_name = t.canon_name
+LEFT JOIN races r ON r.name = t.race
+WHERE t.id = $1
+FOR UPDATE OF t
+
+-- name: ack_tripwire
+UPDATE tripwire_events SET acknowledged_by = $2, acknowledged_at = now()
+WHERE id = $1 AND acknowledged_at IS NULL
+RETURNING id
+
+-- name: ledger_counts
+SELECT (SELECT count(*) FROM races) AS races,
+       (SELECT count(*) FROM igla_race_trials) AS trials,
+       (SELECT count(*) FROM bpb_samples) AS samples,
+       (SELECT count(*) FROM gardener_decisions) AS decisions,
+       (SELECT count(*) FROM sample_quarantine) AS quarantined,
+       (SELECT count(*) FROM tripwire_events WHERE acknowledged_at IS NULL) AS open_tripwires,
+       (SELECT count(*) FROM exp_ids) AS exp_ids_taken
