@@ -26,6 +26,7 @@ class Action(StrEnum):
     HOLD = "hold"  # a mutating decision withheld (paused, or a floor tripwire open)
     VERDICT = "verdict"  # a gate verdict at the final rung
     FINISH = "finish"  # a trial reached the horizon
+    TRIPWIRE = "tripwire"  # a tripwire fired (the event rides in ``Decision.tripwire``)
 
 
 class SeedState(StrEnum):
@@ -93,6 +94,7 @@ class Snapshot:
     paused: bool = False
     horizon: int | None = None  # the final step of the race, when known
     expected_corpus_sha256: str | None = None
+    reviewed_tripwires: frozenset[str] = frozenset()  # keys a person reviewed and cleared
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,19 @@ class Decision:
     seed_state: SeedState = SeedState.UNKNOWN
     numbers: dict[str, Any] = field(default_factory=dict)
     spawn: tuple[NewTrial, ...] = ()
+    tripwire: TripwireEvent | None = None  # set for Action.TRIPWIRE
 
     @property
     def key(self) -> tuple[str, int, str]:
-        """The natural key (canon name, rung, action) that makes applying it exactly once."""
+        """The natural key (canon name, rung, action) that makes applying it exactly once.
+
+        A tripwire's action part names its kind, and a hold names the action it holds, so two
+        of them on one trial at one rung stay distinct.
+        """
+        if self.action is Action.TRIPWIRE and self.tripwire is not None:
+            return (self.canon_name, self.rung, f"tripwire:{self.tripwire.kind}")
+        if self.action is Action.HOLD and "held_action" in self.numbers:
+            return (self.canon_name, self.rung, f"hold:{self.numbers['held_action']}")
         return (self.canon_name, self.rung, self.action.value)
 
     @property

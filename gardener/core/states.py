@@ -1,0 +1,97 @@
+"""Seed states: each trial against the leader at the same steps.
+
+delta = trial BPB - leader BPB at their last common step; slope = least-squares trend of the
+delta over the last ``slope_window`` common points, per step. The plan's table, made total:
+
+- LEADING: the leader itself, or delta < -tied_band (ahead of the leader).
+- TIED: |delta| <= tied_band.
+- DIVERGING: behind, a full slope window, and slope > +diverging_slope per step: kill now.
+- CATCHING_UP: behind by at most parallel_losing_delta, or further behind but closing
+  (the delta shrinks by more than the tied band across the window).
+- PARALLEL_LOSING: behind by more than parallel_losing_delta and not closing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gardener.core.config import DecisionConfig
+from gardener.core.types import FloatArray, IntArray, SeedState
+
+
+@dataclass(frozen=True)
+class StateReading:
+    """A seed state with the numbers behind it."""
+
+    state: SeedState
+    delta: float | None
+    slope: float | None
+    common_points: int
+    closing: bool = False  # the delta shrank by more than the tied band across the window
+
+    def as_numbers(self) -> dict[str, float | int | str | None]:
+        return {
+            "state": self.state.value,
+            "delta": self.delta,
+            "slope": self.slope,
+            "common_points": self.common_points,
+            "closing": self.closing,
+        }
+
+
+def common_deltas(
+    steps: IntArray, bpb: FloatArray, lead_steps: IntArray, lead_bpb: FloatArray
+) -> tuple[IntArray, FloatArray]:
+    """The steps both curves have, and trial minus leader at each of them."""
+    common, ia, ib = np.intersect1d(steps, lead_steps, assume_unique=True, return_indices=True)
+    return common.astype(np.int64), (bpb[ia] - lead_bpb[ib]).astype(np.float64)
+
+
+def trend(x: IntArray, y: FloatArray) -> float | None:
+    """Least-squares slope of y against x, or None with fewer than 2 distinct x."""
+    if len(x) < 2:
+        return None
+    xf = x.astype(np.float64)
+    xc = xf - xf.mean()
+    denom = float(np.dot(xc, xc))
+    if denom == 0.0:
+        return None
+    return float(np.dot(xc, y - y.mean()) / denom)
+
+
+def classify(
+    steps: IntArray,
+    bpb: FloatArray,
+    lead_steps: IntArray,
+    lead_bpb: FloatArray,
+    config: DecisionConfig,
+    *,
+    is_leader: bool = False,
+) -> StateReading:
+    """The seed state of one trial against the leader (curves sorted by step, cleaned)."""
+    if is_leader:
+        return StateReading(SeedState.LEADING, 0.0, 0.0, len(steps))
+    common, deltas = common_deltas(steps, bpb, lead_steps, lead_bpb)
+    n = len(common)
+    if n == 0:
+        return StateReading(SeedState.UNKNOWN, None, None, 0)
+    delta = float(deltas[-1])
+    w = config.slope_window
+    slope = trend(common[-w:], deltas[-w:])
+    band = config.tied_band
+    span = float(common[-w:][-1] - common[-w:][0])
+    closing = slope is not None and slope * span < -band
+    if delta < -band:
+        state = SeedState.LEADING
+    elif delta <= band:
+        state = SeedState.TIED
+    elif slope is not None and n >= w and slope > config.diverging_slope:
+        state = SeedState.DIVERGING
+    else:
+        if delta <= config.parallel_losing_delta or closing:
+            state = SeedState.CATCHING_UP
+        else:
+            state = SeedState.PARALLEL_LOSING
+    return StateReading(state, delta, slope, n, closing)

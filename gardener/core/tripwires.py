@@ -1,0 +1,207 @@
+"""Tripwires: pure checks that say when the data cannot be trusted, with the evidence.
+
+Each check returns ``TripwireEvent`` values; ``decide`` turns new ones into TRIPWIRE decisions
+and lets the blocking ones hold promotions. ``check_sample`` is the per-sample validator ingest
+uses to reject a sample with a reason (rejected samples go to quarantine, never dropped).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from gardener.core.config import DecisionConfig
+from gardener.core.types import FloatArray, IntArray, Snapshot, TrialView, TripwireEvent
+
+BAD_SAMPLE = "bad_sample"
+STEP_BACKWARDS = "step_backwards"
+STEP_CONFLICT = "step_conflict"
+BELOW_FLOOR = "below_floor"
+LEAK = "leak"
+STALLED = "stalled"
+DUPLICATE_RUN = "duplicate_run"
+CORPUS_MISMATCH = "corpus_mismatch"
+CORPUS_UNREPORTED = "corpus_unreported"
+GF16_HIDDEN = "gf16_hidden"
+
+# A trial with one of these open is quarantined: ``decide`` neither acts on it nor compares
+# anything with it (a corrupt below-floor curve would otherwise become the leader).
+QUARANTINE_KINDS = frozenset({BELOW_FLOOR, LEAK, DUPLICATE_RUN, CORPUS_MISMATCH, GF16_HIDDEN})
+# Blocking kinds that hold only promotions and mirrors (pruning goes on without the trial).
+FLOOR_KINDS = frozenset({BELOW_FLOOR, LEAK})
+
+
+def check_sample(step: int, bpb: float) -> str | None:
+    """Why one sample must be rejected, or None when it is acceptable."""
+    if isinstance(step, float) and not math.isfinite(step):
+        return f"step {step} is not finite"
+    if step < 0:
+        return f"negative step {step}"
+    if math.isnan(bpb):
+        return "BPB is NaN"
+    if math.isinf(bpb):
+        return f"BPB is {'+' if bpb > 0 else '-'}infinite"
+    if bpb < 0:
+        return f"negative BPB {bpb}"
+    return None
+
+
+@dataclass(frozen=True)
+class CleanCurve:
+    """A curve with bad samples, backward steps and repeated steps removed, and what went."""
+
+    steps: IntArray
+    bpb: FloatArray
+    bad: tuple[tuple[int, float, str], ...] = ()  # (step, bpb, reason)
+    backwards: tuple[tuple[int, int], ...] = ()  # (previous step, step)
+    conflicts: tuple[tuple[int, float, float], ...] = ()  # (step, kept bpb, other bpb)
+
+
+def clean_curve(steps: IntArray, bpb: FloatArray) -> CleanCurve:
+    """Keep valid samples in arrival order; a step that goes backwards, or repeats with a
+    different value, is left out (the first value of a step wins)."""
+    out_s: list[int] = []
+    out_v: list[float] = []
+    seen: dict[int, float] = {}
+    bad: list[tuple[int, float, str]] = []
+    back: list[tuple[int, int]] = []
+    conf: list[tuple[int, float, float]] = []
+    for s_raw, v_raw in zip(steps.tolist(), bpb.tolist(), strict=True):
+        s, v = int(s_raw), float(v_raw)
+        why = check_sample(s, v)
+        if why is not None:
+            bad.append((s, v, why))
+            continue
+        if s in seen:
+            if seen[s] != v:
+                conf.append((s, seen[s], v))
+            continue
+        if out_s and s < out_s[-1]:
+            back.append((out_s[-1], s))
+            continue
+        seen[s] = v
+        out_s.append(s)
+        out_v.append(v)
+    return CleanCurve(
+        np.asarray(out_s, dtype=np.int64),
+        np.asarray(out_v, dtype=np.float64),
+        tuple(bad),
+        tuple(back),
+        tuple(conf),
+    )
+
+
+def check_trial(
+    trial: TrialView, snapshot: Snapshot, config: DecisionConfig, curve: CleanCurve | None = None
+) -> list[TripwireEvent]:
+    """Every per-trial tripwire: bad samples, step order, floor, leak, stall, corpus, L-R9."""
+    c = curve if curve is not None else clean_curve(trial.steps, trial.bpb)
+    name = trial.canon_name
+    out: list[TripwireEvent] = []
+    if c.bad:
+        out.append(
+            TripwireEvent(
+                BAD_SAMPLE, name, {"samples": [list(b) for b in c.bad[:10]], "count": len(c.bad)}
+            )
+        )
+    if c.backwards:
+        out.append(
+            TripwireEvent(STEP_BACKWARDS, name, {"pairs": [list(b) for b in c.backwards[:10]]})
+        )
+    if c.conflicts:
+        out.append(
+            TripwireEvent(STEP_CONFLICT, name, {"kept_first": [list(b) for b in c.conflicts[:10]]})
+        )
+    if len(c.bpb):
+        low_i = int(np.argmin(c.bpb))
+        low, low_step = float(c.bpb[low_i]), int(c.steps[low_i])
+        if low < config.leak_bpb:
+            out.append(
+                TripwireEvent(
+                    LEAK, name, {"bpb": low, "step": low_step, "leak_bpb": config.leak_bpb}, True
+                )
+            )
+        if low < config.architectural_floor_bpb:
+            out.append(
+                TripwireEvent(
+                    BELOW_FLOOR,
+                    name,
+                    {
+                        "bpb": low,
+                        "step": low_step,
+                        "floor": config.architectural_floor_bpb,
+                        "note": "quarantined; ledger suspected corrupt until a person reviews it",
+                    },
+                    True,
+                )
+            )
+    running = trial.desired_state.value == "running" and trial.observed_state == "running"
+    if running and trial.last_sample_at is not None:
+        silent = snapshot.now - trial.last_sample_at
+        if silent > config.stall_timeout_s:
+            out.append(
+                TripwireEvent(
+                    STALLED, name, {"silent_s": silent, "timeout_s": config.stall_timeout_s}
+                )
+            )
+    expected = snapshot.expected_corpus_sha256
+    if expected is not None:
+        if trial.corpus_sha256 is None:
+            if len(c.steps):
+                out.append(TripwireEvent(CORPUS_UNREPORTED, name, {"expected": expected}))
+        elif trial.corpus_sha256 != expected:
+            out.append(
+                TripwireEvent(
+                    CORPUS_MISMATCH, name, {"expected": expected, "reported": trial.corpus_sha256}
+                )
+            )
+    if trial.format == "GF16" and (
+        trial.hidden_size is None or trial.hidden_size < config.gf16_min_hidden
+    ):
+        out.append(
+            TripwireEvent(
+                GF16_HIDDEN,
+                name,
+                {"hidden_size": trial.hidden_size, "min_hidden": config.gf16_min_hidden},
+            )
+        )
+    return out
+
+
+def check_duplicates(curves: dict[str, CleanCurve], min_points: int) -> list[TripwireEvent]:
+    """Bit-identical curves under different canon names; the first name (sorted) is kept as
+    the original, every other one fires. Curves shorter than ``min_points`` never match."""
+    groups: dict[tuple[bytes, bytes], list[str]] = defaultdict(list)
+    for name in sorted(curves):
+        c = curves[name]
+        if len(c.steps) >= max(1, min_points):
+            groups[(c.steps.tobytes(), c.bpb.tobytes())].append(name)
+    out: list[TripwireEvent] = []
+    for names in groups.values():
+        for other in names[1:]:
+            out.append(
+                TripwireEvent(
+                    DUPLICATE_RUN, other, {"same_as": names[0], "points": len(curves[other].steps)}
+                )
+            )
+    return out
+
+
+def check_snapshot(
+    snapshot: Snapshot, config: DecisionConfig, curves: dict[str, CleanCurve] | None = None
+) -> list[TripwireEvent]:
+    """All tripwires of a snapshot, except those a person already reviewed; sorted by key."""
+    cs = (
+        curves
+        if curves is not None
+        else {t.canon_name: clean_curve(t.steps, t.bpb) for t in snapshot.trials}
+    )
+    events: list[TripwireEvent] = []
+    for t in snapshot.trials:
+        events.extend(check_trial(t, snapshot, config, cs[t.canon_name]))
+    events.extend(check_duplicates(cs, config.duplicate_min_points))
+    fresh = [e for e in events if e.key not in snapshot.reviewed_tripwires]
+    return sorted(fresh, key=lambda e: e.key)
