@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -73,20 +74,24 @@ def init_params(arch: Arch, rng: np.random.Generator) -> Params:
 
 def _rms(h: F32) -> tuple[F32, F32]:
     r = 1.0 / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + np.float32(RMS_EPS))
-    return h * r, r.astype(np.float32)
+    r = r.astype(h.dtype, copy=False)
+    return h * r, r
 
 
-def _rms_back(dn: F32, h: F32, r: F32) -> F32:
+def _rms_back(dn: Any, h: Any, r: Any) -> Any:
     """Gradient of ``n = h * r(h)`` with ``r = 1/sqrt(mean(h^2) + eps)``."""
     return r * dn - h * (r**3) * np.mean(dn * h, axis=1, keepdims=True)
 
 
 def logits(arch: Arch, p: Params, ctx: npt.NDArray[np.intp], quant: Quant = _identity,
-           cache: dict[str, object] | None = None) -> F32:
-    """Forward pass to next-byte logits; fills ``cache`` for ``backward`` when given."""
+           cache: dict[str, Any] | None = None) -> F32:
+    """Forward pass to next-byte logits; fills ``cache`` for the backward pass when given.
+
+    Works in the parameters' dtype: float32 in training, float64 in the gradient check.
+    """
     b = ctx.shape[0]
     x = quant(p["E"][ctx].reshape(b, arch.n_in))
-    c: dict[str, object] = {"x": x, "ctx": ctx}
+    c: dict[str, Any] = {"x": x, "ctx": ctx}
     if arch.kind in ("mlp", "hybrid"):
         hid = quant(np.tanh(x @ p["W1"] + p["b1"]))
         z = hid @ p["W2"] + p["b2"]
@@ -103,7 +108,7 @@ def logits(arch: Arch, p: Params, ctx: npt.NDArray[np.intp], quant: Quant = _ide
         n, r = _rms(h)
         c["out"] = (h, n, r)
         z = n @ p["Wout"] + p["bout"]
-    z = quant(z.astype(np.float32, copy=False))
+    z = quant(z.astype(p["E"].dtype, copy=False))
     if cache is not None:
         cache.update(c)
     return z
@@ -117,26 +122,25 @@ def cross_entropy(z: F32, targets: npt.NDArray[np.intp]) -> tuple[float, F32]:
     s = e.sum(axis=1, keepdims=True)
     lse = np.log(s) + m
     loss = float(np.mean(lse[:, 0] - z64[np.arange(z.shape[0]), targets]))
-    return loss, (e / s).astype(np.float32)
+    return loss, (e / s).astype(z.dtype)
 
 
 def loss_and_grads(arch: Arch, p: Params, ctx: npt.NDArray[np.intp],
                    targets: npt.NDArray[np.intp], quant: Quant = _identity
                    ) -> tuple[float, Params]:
     """Mean cross-entropy (nats) of a batch and its gradient for every parameter."""
-    cache: dict[str, object] = {}
+    cache: dict[str, Any] = {}
     z = logits(arch, p, ctx, quant, cache)
     loss, probs = cross_entropy(z, targets)
     b = ctx.shape[0]
     dz = probs
     dz[np.arange(b), targets] -= 1.0
-    dz /= np.float32(b)
-    g: Params = {}
+    dz /= b
+    g: dict[str, Any] = {}
     x = cache["x"]
-    assert isinstance(x, np.ndarray)
+    dx: Any
     if arch.kind in ("mlp", "hybrid"):
         hid = cache["h"]
-        assert isinstance(hid, np.ndarray)
         g["W2"] = hid.T @ dz
         g["b2"] = dz.sum(axis=0)
         if arch.kind == "hybrid":
@@ -146,12 +150,12 @@ def loss_and_grads(arch: Arch, p: Params, ctx: npt.NDArray[np.intp],
         g["b1"] = dpre.sum(axis=0)
         dx = dpre @ p["W1"].T
     else:
-        h, n, r = cache["out"]  # type: ignore[misc]
+        h, n, r = cache["out"]
         g["Wout"] = n.T @ dz
         g["bout"] = dz.sum(axis=0)
         dh = _rms_back(dz @ p["Wout"].T, h, r)
         for k in reversed(range(arch.blocks)):
-            h, n, r, u = cache[f"blk{k}"]  # type: ignore[misc]
+            h, n, r, u = cache[f"blk{k}"]
             g[f"Wb{k}"] = u.T @ dh
             dpre = (dh @ p[f"Wb{k}"].T) * (1.0 - u * u)
             g[f"Wa{k}"] = n.T @ dpre
@@ -161,11 +165,11 @@ def loss_and_grads(arch: Arch, p: Params, ctx: npt.NDArray[np.intp],
         g["bin"] = dh.sum(axis=0)
         dx = dh @ p["Win"].T
     g["E"] = _scatter_rows(ctx.reshape(-1), dx.reshape(-1, arch.embed))
-    return loss, {k: v.astype(np.float32, copy=False) for k, v in g.items()}
+    return loss, {k: v.astype(p["E"].dtype, copy=False) for k, v in g.items()}
 
 
-def _scatter_rows(rows: npt.NDArray[np.intp], values: F32) -> F32:
+def _scatter_rows(rows: npt.NDArray[np.intp], values: Any) -> F32:
     """Sum ``values`` into a (256, width) table by row index (embedding and bigram grads)."""
-    out = np.zeros((VOCAB, values.shape[1]), np.float32)
+    out = np.zeros((VOCAB, values.shape[1]), values.dtype)
     np.add.at(out, rows, values)
     return out
