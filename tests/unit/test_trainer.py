@@ -107,8 +107,8 @@ def test_canon_name_sets_everything(small_corpus: Path):
 def test_formats_train_and_differ_from_fp32(fmt: str, small_corpus: Path):
     env = {"TRAIN_CORPUS": str(small_corpus), "TRAIN_STEPS": "30", "TRAIN_HIDDEN": "256",
            "TRAIN_SEED": "5"}
-    ref, ref_bpb = _train({**env, "TRAIN_FORMAT": "FP32"})
-    got, bpb = _train({**env, "TRAIN_FORMAT": fmt})
+    _, ref_bpb = _train({**env, "TRAIN_FORMAT": "FP32"})
+    _, bpb = _train({**env, "TRAIN_FORMAT": fmt})
     assert math.isfinite(bpb) and bpb < 7.5
     assert bpb != ref_bpb
 
