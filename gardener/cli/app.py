@@ -47,5 +47,5 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {type(exc).__name__}: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)
