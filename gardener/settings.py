@@ -96,6 +96,14 @@ class Settings(BaseSettings):
         value = os.environ.get(f"RAILWAY_TOKEN_{account.upper()}")
         return SecretStr(value) if value else None
 
+    def railway_project(self, account: str) -> str | None:
+        """``GARDENER_RAILWAY_PROJECT_<ACCOUNT>``: the project holding that account's services."""
+        return os.environ.get(f"GARDENER_RAILWAY_PROJECT_{account.upper()}")
+
+    def railway_environment(self, account: str) -> str | None:
+        """``GARDENER_RAILWAY_ENVIRONMENT_<ACCOUNT>``: the environment within that project."""
+        return os.environ.get(f"GARDENER_RAILWAY_ENVIRONMENT_{account.upper()}")
+
     def ingest_token(self, account: str) -> SecretStr | None:
         """``GARDENER_INGEST_TOKEN_<ACCOUNT>``: the bearer token trainers of that account use."""
         value = os.environ.get(f"GARDENER_INGEST_TOKEN_{account.upper()}")
