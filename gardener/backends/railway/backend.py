@@ -255,7 +255,8 @@ class RailwayBackend:
             data = await self.client.execute(
                 "ServiceCreate",
                 {"input": {"projectId": self.project_id, "environmentId": self.environment_id,
-                           "name": name, "variables": variables}},
+                           "name": name, "variables": variables,
+                           "branch": spec.branch if spec.repo else None}},
             )
             sid = str(data["serviceCreate"]["id"])
         except NameTaken:
