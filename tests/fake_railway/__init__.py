@@ -14,6 +14,40 @@ server while the client times out. Every request is counted.
 
 from __future__ import annotations
 
+import asyncio
+import random
+
+from gardener.backends.railway.backend import RailwayBackend
+from gardener.backends.railway.client import RailwayClient, RequestBudget
 from tests.fake_railway.server import FAULT_KINDS, FakeRailway
 
-__all__ = ["FAULT_KINDS", "FakeRailway"]
+__all__ = ["FAULT_KINDS", "FakeRailway", "make_backend"]
+
+
+def make_backend(
+    fake: FakeRailway,
+    project: tuple[str, str],
+    token: str,
+    *,
+    account: str = "acc1",
+    budget_per_hour: int = 100_000,
+    timeout: float = 0.25,
+    deploy_grace: float = 2.0,
+    **client_kw: object,
+) -> RailwayBackend:
+    """A RailwayBackend pointed at the fake, with a fast (recorded) retry sleep."""
+    sleeps: list[float] = []
+
+    async def fast_sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await asyncio.sleep(0)
+
+    client = RailwayClient(
+        token, base_url=fake.url, timeout=timeout, budget=RequestBudget(budget_per_hour),
+        sleep=fast_sleep, rng=random.Random(0), label="railway-test", **client_kw,
+    )
+    client.sleeps = sleeps
+    return RailwayBackend(
+        account, client, project_id=project[0], environment_id=project[1],
+        deploy_grace=deploy_grace,
+    )

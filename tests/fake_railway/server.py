@@ -77,7 +77,9 @@ class Deployment:
     def status(self, now: float, step: float) -> str:
         if self.override:
             return self.override
-        return STAGES[min(len(STAGES) - 1, int((now - self.created) / step))] if step > 0 else "SUCCESS"
+        if step <= 0:
+            return "SUCCESS"
+        return STAGES[min(len(STAGES) - 1, int((now - self.created) / step))]
 
 
 @dataclass
@@ -128,6 +130,7 @@ class FakeRailway:
         self.requests_by_operation: Counter[str] = Counter()
         self.faults_injected: Counter[str] = Counter()
         self.auth_headers: list[str] = []
+        self.calls: list[tuple[str, dict[str, Any]]] = []  # (operation, variables) as received
         self._faults: deque[Fault] = deque()
         self._fault_rate = 0.0
         self._fault_kinds: tuple[str, ...] = FAULT_KINDS
@@ -253,6 +256,7 @@ class FakeRailway:
             self.requests += 1
             self.requests_by_operation[op_name or "?"] += 1
             self.auth_headers.append(request.headers.get("authorization", ""))
+            self.calls.append((op_name or "?", variables))
             fault = self._next_fault(op_name)
             if fault:
                 self.faults_injected[fault] += 1
