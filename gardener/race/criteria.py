@@ -1,0 +1,589 @@
+"""The 14 Gate-0 acceptance criteria: each a real check against the ledger or the processes.
+
+Two kinds of check:
+- reads (1, 2, 3, 4, 6, 11, 12, 13, 14) look at what the race left in the ledger and in the
+  process table, so they can be re-run at any time and go RED on bad data;
+- probes (5, 7, 8, 9, 10) really attempt the forbidden thing through the same code path as the
+  CLI (admission, champion deploy, kill, claim) and check it was refused and changed nothing.
+  Probes 5, 7, 8 and 9 run inside a transaction that is always rolled back, so whatever the
+  code under test did (even a wrong success) leaves the ledger as it was; probe 10 really takes
+  EXP_IDs (a claim is the thing under test, and the ids it takes are never handed out again).
+
+The code path a probe exercises is a parameter (the real function by default), so a test can
+hand in a broken one and see the criterion go RED.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+
+from gardener.backends.base import ACTIVE, ServiceState
+from gardener.core import canon as canon_mod
+from gardener.errors import (
+    CrossAccountKillForbidden,
+    GF16HiddenTooSmall,
+    ReusedChampionSlot,
+    SlotStillOccupied,
+)
+from gardener.ledger import db, expid, trials
+from gardener.ledger.queries import Queries
+
+Q = Queries("race.sql")
+
+GREEN = "GREEN"
+RED = "RED"
+SMOKE_DONE = "SMOKE_DONE"
+RUNNING_OBSERVED = frozenset({"pending", "building", "deploying", "running", "initializing"})
+
+TITLES: dict[int, str] = {
+    1: "a step=10 BPB line from every service within 2 minutes",
+    2: "every BPB token obeys L-R8 (^BPB=\\d\\.\\d{4}$)",
+    3: "bpb_samples has more than 40 rows for every seed",
+    4: "igla_race_trials has one row per planned canon name",
+    5: "L-R9: a GF16 trial with h < 256 is refused",
+    6: "`tri leaderboard rank --gate gate-0` returns every trial with distinct BPB",
+    7: "a deploy into a used champion slot fails with ReusedChampionSlot",
+    8: "--force-replace on an occupied slot fails with SlotStillOccupied",
+    9: "--account acc1 --kill <acc2 trial> fails with CrossAccountKillForbidden",
+    10: "concurrent `tri exp claim` calls never return the same EXP_ID",
+    11: "every service reported the configured corpus within 120 s",
+    12: "no tripwire fired (floor, leak, stall, duplicate curve, corpus)",
+    13: "after teardown nothing is left running",
+    14: "the race ends with SMOKE_DONE",
+}
+
+
+@dataclass(frozen=True)
+class CriteriaConfig:
+    """The thresholds and probe settings of ``[criteria]`` in gate0-smoke.toml."""
+
+    seed_block: int = 10
+    first_sample_within_s: float = 120.0
+    first_sample_step: int = 10
+    corpus_within_s: float = 120.0
+    min_samples_per_seed: int = 40
+    lr9_probe: str = "IGLA-TRAIN_V2-GF16-SMOKE"
+    lr9_hidden: int = 128
+    used_slot: int = 4
+    probe_slot: int = 1
+    claim_workers: int = 8
+    claim_count: int = 3
+    teardown_timeout_s: float = 60.0
+
+    def samples_needed(self, max_steps: int, eval_every: int) -> int:
+        """More than ``min_samples_per_seed`` rows; a shorter race needs more than 80% of
+        the rows it can produce (a 60-step race makes 6)."""
+        possible = max_steps // max(1, eval_every)
+        return min(self.min_samples_per_seed, max(1, (possible * 4) // 5 - 1))
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One criterion's outcome: GREEN or RED, the evidence a person reads, and the details."""
+
+    number: int
+    title: str
+    green: bool
+    evidence: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return GREEN if self.green else RED
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"status": self.status}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Criterion:
+        return cls(int(d["number"]), str(d["title"]), bool(d["green"]), str(d["evidence"]),
+                   dict(d.get("details") or {}))
+
+
+def _c(number: int, green: bool, evidence: str, **details: Any) -> Criterion:
+    return Criterion(number, TITLES[number], green, evidence, details)
+
+
+@dataclass(frozen=True)
+class RaceContext:
+    """What the read checks compare the ledger with."""
+
+    race: str
+    account: str
+    expected_names: tuple[str, ...]
+    max_steps: int
+    eval_every: int
+    corpus: str
+    corpus_sha256: str | None
+    config: CriteriaConfig = field(default_factory=CriteriaConfig)
+
+
+# ---- reads ----------------------------------------------------------------------------------
+
+
+async def first_samples(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """1: every trial has its step-10 sample, stamped within the limit of its admission."""
+    limit = ctx.config.first_sample_within_s
+    step = ctx.config.first_sample_step
+    rows = await conn.fetch(Q.first_sample_latency, ctx.race, step)
+    missing = [r["canon_name"] for r in rows if r["at_step"] == 0]
+    late = [(r["canon_name"], float(r["latency_s"])) for r in rows
+            if r["at_step"] and float(r["latency_s"]) > limit]
+    lat = [float(r["latency_s"]) for r in rows if r["at_step"]]
+    if not rows:
+        return _c(1, False, "the race has no trials")
+    if missing or late:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} without step {step}: {', '.join(missing[:3])}")
+        if late:
+            parts.append(f"{len(late)} later than {limit:.0f} s: "
+                         + ", ".join(f"{n} {s:.1f} s" for n, s in late[:3]))
+        return _c(1, False, "; ".join(parts), missing=missing, late=late)
+    return _c(1, True, f"step {step} from all {len(rows)} trials; slowest {max(lat):.1f} s, "
+              f"median {sorted(lat)[len(lat) // 2]:.1f} s after admission (limit {limit:.0f} s)",
+              max_latency_s=max(lat))
+
+
+async def lr8_tokens(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """2: no BPB token of the race was quarantined, and every stored value has 4 decimals."""
+    rejected = await conn.fetch(Q.quarantined_bpb_tokens, ctx.race)
+    bad = await conn.fetch(Q.bpb_not_four_decimals, ctx.race)
+    total = await conn.fetchval(
+        "SELECT count(*) FROM bpb_samples b JOIN igla_race_trials t "
+        "ON t.canon_name = b.canon_name AND t.seed = b.seed WHERE t.race = $1", ctx.race)
+    if rejected or bad:
+        parts = []
+        if rejected:
+            r0 = rejected[0]
+            parts.append(f"{len(rejected)} BPB line(s) quarantined, e.g. {r0['raw']!r} "
+                         f"({r0['reason']})")
+        if bad:
+            b0 = bad[0]
+            parts.append(f"{len(bad)} stored value(s) not of the form d.dddd, e.g. "
+                         f"{b0['canon_name']} step {b0['step']} = {b0['bpb']!r}")
+        return _c(2, False, "; ".join(parts), quarantined=len(rejected), malformed=len(bad))
+    if not total:
+        return _c(2, False, "no samples stored for the race: nothing obeyed L-R8")
+    return _c(2, True, f"{total} samples, all d.dddd; no BPB line of the race in quarantine",
+              samples=int(total))
+
+
+async def samples_per_seed(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """3: more than the threshold of rows for every trial (seed)."""
+    need = ctx.config.samples_needed(ctx.max_steps, ctx.eval_every)
+    rows = await conn.fetch(Q.samples_per_trial, ctx.race)
+    if not rows:
+        return _c(3, False, "the race has no trials")
+    short = [(r["canon_name"], int(r["samples"])) for r in rows if int(r["samples"]) <= need]
+    counts = [int(r["samples"]) for r in rows]
+    if short:
+        return _c(3, False, f"{len(short)} trial(s) with at most {need} rows: "
+                  + ", ".join(f"{n} ({k})" for n, k in short[:3]), short=short, needed=need)
+    return _c(3, True, f"every one of {len(rows)} seeds has more than {need} rows "
+              f"(min {min(counts)}, max {max(counts)})", needed=need, min_rows=min(counts))
+
+
+async def one_row_per_name(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """4: the race's rows are exactly the planned canon names, each once."""
+    names = [r["canon_name"] for r in await conn.fetch(Q.trial_names, ctx.race)]
+    expected = sorted(ctx.expected_names)
+    extra = sorted(set(names) - set(expected))
+    missing = sorted(set(expected) - set(names))
+    if len(names) != len(expected) or extra or missing or len(set(names)) != len(names):
+        return _c(4, False, f"{len(names)} rows for {len(expected)} planned names; missing "
+                  f"{missing[:3]}, unexpected {extra[:3]}", missing=missing, extra=extra)
+    return _c(4, True, f"{len(names)} rows, one per planned canon name", rows=len(names))
+
+
+async def leaderboard_gate0(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """6: the same ranking the CLI prints has every trial, with distinct final BPB."""
+    from gardener.race import leaderboard
+
+    board = await leaderboard.rank(conn, "gate-0", race=ctx.race)
+    finals = [r.final_bpb for r in board.rows if r.final_bpb is not None]
+    n = len(ctx.expected_names)
+    ok = (len(board.rows) == n and len(finals) == n and len(set(finals)) == n
+          and board.verdict.passed)
+    why = "; ".join(board.verdict.reasons)
+    if not ok:
+        return _c(6, False, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
+                  f"(need {n}); {why}", rows=len(board.rows))
+    return _c(6, True, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
+              f"(best {min(finals):.4f}, worst {max(finals):.4f})", rows=len(board.rows))
+
+
+async def corpus_reported(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """11: every trial reported the configured corpus (name and sha256) within the limit."""
+    limit = ctx.config.corpus_within_s
+    rows = await conn.fetch(Q.corpus_reports, ctx.race)
+    if not rows:
+        return _c(11, False, "the race has no trials")
+    problems: list[str] = []
+    for r in rows:
+        if r["corpus_sha256"] is None:
+            problems.append(f"{r['canon_name']}: no corpus reported")
+        elif r["corpus"] != ctx.corpus or (
+            ctx.corpus_sha256 is not None and r["corpus_sha256"] != ctx.corpus_sha256
+        ):
+            problems.append(f"{r['canon_name']}: {r['corpus']} {str(r['corpus_sha256'])[:12]}")
+        elif r["latency_s"] is None or float(r["latency_s"]) > limit:
+            problems.append(f"{r['canon_name']}: reported after {r['latency_s']} s")
+    if problems:
+        return _c(11, False, f"{len(problems)} trial(s) off: " + "; ".join(problems[:3]),
+                  problems=problems)
+    slowest = max(float(r["latency_s"]) for r in rows)
+    sha = (ctx.corpus_sha256 or "")[:12]
+    return _c(11, True, f"all {len(rows)} reported corpus={ctx.corpus} sha256={sha}..., the "
+              f"slowest after {slowest:.1f} s", max_latency_s=slowest)
+
+
+async def no_tripwires(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """12: no open tripwire event names the race or one of its trials."""
+    rows = await conn.fetch(Q.open_tripwires_of_race, ctx.race)
+    if rows:
+        kinds = sorted({r["kind"] for r in rows})
+        first = rows[0]
+        return _c(12, False, f"{len(rows)} open tripwire(s) ({', '.join(kinds)}), e.g. "
+                  f"{first['dedupe_key']}: {first['evidence']}", kinds=kinds, count=len(rows))
+    return _c(12, True, "no open tripwire event for the race or any of its trials")
+
+
+def live_processes(
+    names: Iterable[str], race: str, proc: Path = Path("/proc")
+) -> list[dict[str, Any]]:
+    """Processes (not zombies) whose environment names one of ``names`` or the race.
+
+    Trainers carry ``TRAIN_CANON_NAME``, and services the gardener starts carry the
+    ``GARDENER_CANON_NAME`` / ``GARDENER_RACE`` marker, whichever process group they are in.
+    """
+    wanted = {n.encode() for n in names}
+    race_b = race.encode()
+    found: list[dict[str, Any]] = []
+    me = os.getpid()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else "?"
+        if state in ("Z", "X"):
+            continue
+        hit = None
+        for item in env.split(b"\0"):
+            key, _, value = item.partition(b"=")
+            if key in (b"TRAIN_CANON_NAME", b"GARDENER_CANON_NAME") and value in wanted:
+                hit = value.decode()
+                break
+            if key == b"GARDENER_RACE" and value == race_b:
+                hit = race
+                break
+        if hit is not None:
+            found.append({"pid": int(entry.name), "state": state, "name": hit,
+                          "pgid": os.getpgid(int(entry.name)) if _alive(int(entry.name)) else None})
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+async def teardown_clean(
+    conn: asyncpg.Connection,
+    ctx: RaceContext,
+    *,
+    observed: Sequence[ServiceState] | None,
+    processes: list[dict[str, Any]] | None = None,
+) -> Criterion:
+    """13: no process of the race alive, no service of the race active in the backend's
+    ``observe()``, and no trial the ledger still wants running."""
+    procs = live_processes(ctx.expected_names, ctx.race) if processes is None else processes
+    names = set(ctx.expected_names)
+    active = [] if observed is None else [
+        s for s in observed if s.canon_name in names and s.status in ACTIVE]
+    wanted = [r["canon_name"] for r in await conn.fetch(Q.race_states, ctx.race)
+              if r["desired_state"] == "running"]
+    if procs or active or wanted or observed is None:
+        parts = []
+        if procs:
+            parts.append(f"{len(procs)} live process(es), e.g. pid {procs[0]['pid']} "
+                         f"({procs[0]['name']})")
+        if active:
+            parts.append(f"{len(active)} service(s) active in observe(), e.g. "
+                         f"{active[0].canon_name} {active[0].status}")
+        if wanted:
+            parts.append(f"{len(wanted)} trial(s) still desired running")
+        if observed is None:
+            parts.append("the backend could not be observed")
+        return _c(13, False, "; ".join(parts), processes=procs, active=len(active))
+    seen = sum(1 for s in observed if s.canon_name in names)
+    return _c(13, True, f"no live process of the race; observe() lists {seen} of its services, "
+              "none active; every trial desired stopped", observed=seen)
+
+
+async def smoke_done(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
+    """14: the ledger records SMOKE_DONE for the race: the verdict decision and status done."""
+    status = await conn.fetchval("SELECT status FROM races WHERE name = $1", ctx.race)
+    verdict = await conn.fetchrow(Q.race_verdict, ctx.race)
+    done = verdict is not None and bool((verdict["numbers"] or {}).get("smoke_done"))
+    if status == "done" and done:
+        assert verdict is not None
+        return _c(14, True, f"verdict #{verdict['id']}: {verdict['reason']}; race status done")
+    return _c(14, False, f"race status {status!r}; verdict "
+              f"{verdict['reason'] if verdict else 'not recorded'}")
+
+
+async def record_verdict(
+    conn: asyncpg.Connection, race: str, criteria: Sequence[Criterion], *, by: str = "smoke-race"
+) -> bool:
+    """Write the race's verdict decision and status: SMOKE_DONE only when all are GREEN."""
+    red = [c.number for c in criteria if not c.green]
+    ok = not red
+    reason = (f"{SMOKE_DONE}: all {len(criteria)} checked criteria GREEN" if ok
+              else f"SMOKE FAILED: criteria {', '.join(map(str, red))} RED")
+    numbers = {"smoke_done": ok, "criteria": [c.to_dict() for c in criteria]}
+    async with conn.transaction():
+        await conn.fetchval(Q.insert_race_verdict, race, numbers, reason, by)
+        await conn.execute(Q.set_race_status, race, "done" if ok else "failed")
+    return ok
+
+
+# ---- probes ---------------------------------------------------------------------------------
+
+
+class _Rollback(Exception):
+    """Raised to leave a probe's transaction without committing anything."""
+
+
+async def _in_rollback(
+    conn: asyncpg.Connection, body: Callable[[], Awaitable[Criterion]]
+) -> Criterion:
+    result: list[Criterion] = []
+    try:
+        async with conn.transaction():
+            result.append(await body())
+            raise _Rollback
+    except _Rollback:
+        pass
+    return result[0]
+
+
+AdmitFn = Callable[..., Awaitable[list[str]]]
+DeployFn = Callable[..., Awaitable[expid.SlotState]]
+KillFn = Callable[..., Awaitable[bool]]
+ClaimFn = Callable[[asyncpg.Connection, str, int, str], Awaitable[list[int]]]
+
+
+async def probe_lr9(
+    conn: asyncpg.Connection, ctx: RaceContext, *, seed: int, admit: AdmitFn = trials.admit
+) -> Criterion:
+    """5: admit a GF16 trial with a too small hidden size into the race; it must be refused
+    with GF16HiddenTooSmall and the ledger (trials, seeds, EXP_IDs) must not move."""
+    name = f"{ctx.config.lr9_probe}-seed{seed}"
+    parsed = canon_mod.parse(name)
+    h = ctx.config.lr9_hidden
+
+    async def body() -> Criterion:
+        before = dict(await conn.fetchrow(Q.ledger_footprint))
+        err: Exception | None = None
+        try:
+            await admit(conn, ctx.race, ctx.account,
+                        [trials.Admission(parsed, hidden_size=h, steps=ctx.max_steps)])
+        except GF16HiddenTooSmall as exc:
+            err = exc
+        except Exception as exc:  # a different refusal is a RED, with what it was
+            return _c(5, False, f"admitting {name} with h={h} raised {type(exc).__name__}: {exc}")
+        after = dict(await conn.fetchrow(Q.ledger_footprint))
+        if err is None:
+            return _c(5, False, f"{name} with h={h} was ADMITTED (ledger {before} -> {after})")
+        if after != before:
+            return _c(5, False, f"refused, but the ledger changed: {before} -> {after}")
+        return _c(5, True, f"admitting {name} with h={h} raised GF16HiddenTooSmall ({err}); "
+                  f"ledger unchanged ({after['trials']} trials)", ledger=after)
+
+    return await _in_rollback(conn, body)
+
+
+async def probe_used_slot(
+    conn: asyncpg.Connection, ctx: RaceContext, *, deploy: DeployFn = expid.replace_champion_slot
+) -> Criterion:
+    """7: `tri champion deploy NAME --slot 4` (no --force-replace) into the used slot."""
+    slot = ctx.config.used_slot
+    name = ctx.expected_names[0]
+    seed = canon_mod.parse(name).seed
+
+    async def body() -> Criterion:
+        before = dict(await conn.fetchrow(Q.champion_slot, slot))
+        try:
+            state = await deploy(conn, slot, name, seed, ctx.account, force_replace=False)
+        except ReusedChampionSlot as exc:
+            after = dict(await conn.fetchrow(Q.champion_slot, slot))
+            if after != before:
+                return _c(7, False, f"refused, but slot E{slot:04d} changed: {before} -> {after}")
+            return _c(7, True, f"deploying {name} into E{slot:04d} (held by "
+                      f"{before['canon_name'] or 'reserved'}) raised ReusedChampionSlot: {exc}")
+        except Exception as exc:
+            return _c(7, False, f"deploy raised {type(exc).__name__}: {exc}")
+        return _c(7, False, f"deploy into used slot E{slot:04d} SUCCEEDED: {state}")
+
+    return await _in_rollback(conn, body)
+
+
+async def probe_force_replace(
+    conn: asyncpg.Connection,
+    ctx: RaceContext,
+    *,
+    challenger: str,
+    deploy: DeployFn = expid.replace_champion_slot,
+) -> Criterion:
+    """8: occupy a reserved slot with a running trial of the race (force-replace of an empty
+    slot, which is allowed), then force-replace it with ``challenger``: SlotStillOccupied.
+
+    All inside one transaction that is rolled back: the slot is reserved again afterwards,
+    and no other session ever sees it bound."""
+    slot = ctx.config.probe_slot
+    seed = canon_mod.parse(challenger).seed
+
+    async def body() -> Criterion:
+        holder = await conn.fetchrow(Q.running_trial_of_race, ctx.race)
+        if holder is None:
+            return _c(8, False, "no trial of the race is running: nothing can occupy a slot")
+        before = dict(await conn.fetchrow(Q.champion_slot, slot))
+        if before["canon_name"] is not None:
+            return _c(8, False, f"E{slot:04d} is not a free reserved slot: {before}")
+        await deploy(conn, slot, holder["canon_name"], int(holder["seed"]), ctx.account,
+                     force_replace=True)
+        occupied = dict(await conn.fetchrow(Q.champion_slot, slot))
+        try:
+            state = await deploy(conn, slot, challenger, seed, ctx.account, force_replace=True)
+        except SlotStillOccupied as exc:
+            after = dict(await conn.fetchrow(Q.champion_slot, slot))
+            if after != occupied:
+                return _c(8, False, f"refused, but the slot changed: {occupied} -> {after}")
+            return _c(8, True, f"E{slot:04d} held by running {holder['canon_name']} (observed "
+                      f"{holder['observed_state']}); --force-replace with {challenger} raised "
+                      f"SlotStillOccupied: {exc} (rolled back: E{slot:04d} reserved again)")
+        except Exception as exc:
+            return _c(8, False, f"force-replace raised {type(exc).__name__}: {exc}")
+        return _c(8, False, f"force-replace of occupied E{slot:04d} SUCCEEDED: {state}")
+
+    return await _in_rollback(conn, body)
+
+
+async def probe_cross_account_kill(
+    conn: asyncpg.Connection,
+    ctx: RaceContext,
+    *,
+    victim_account: str = "acc2",
+    kill: KillFn = trials.kill,
+) -> Criterion:
+    """9: admit a trial of ``victim_account`` in a tiny race that is never started (inside
+    the rolled-back transaction), then kill it as the race's account through trials.kill."""
+    race = f"{ctx.race}-{victim_account}-probe"
+    name = "IGLA-HYBRID-FP32-XACCT-SMOKE-seed1"
+    parsed = canon_mod.parse(name)
+
+    async def body() -> Criterion:
+        await trials.ensure_race(conn, race, victim_account, kind="smoke", horizon=1)
+        await trials.admit(conn, race, victim_account, [trials.Admission(parsed, steps=1)])
+        before = dict(await conn.fetchrow(Q.trial_state, name))
+        try:
+            changed = await kill(conn, name, ctx.account, by="smoke-probe")
+        except CrossAccountKillForbidden as exc:
+            after = dict(await conn.fetchrow(Q.trial_state, name))
+            if after != before:
+                return _c(9, False, f"refused, but {name} changed: {before} -> {after}")
+            return _c(9, True, f"{ctx.account} killing {name} of {victim_account} raised "
+                      f"CrossAccountKillForbidden: {exc}; the trial is unchanged "
+                      f"(desired {after['desired_state']})")
+        except Exception as exc:
+            return _c(9, False, f"kill raised {type(exc).__name__}: {exc}")
+        return _c(9, False, f"{ctx.account} killed {victim_account}'s {name} (changed={changed})")
+
+    return await _in_rollback(conn, body)
+
+
+async def probe_exp_claims(
+    dsn: str, ctx: RaceContext, *, claim: ClaimFn | None = None
+) -> Criterion:
+    """10: ``claim_workers`` claimers on their own connections, all at once, each taking
+    ``claim_count`` ids; no id may come back twice, and each is recorded for its account."""
+    workers, count = ctx.config.claim_workers, ctx.config.claim_count
+    do_claim: ClaimFn = claim or (lambda c, a, n, by: expid.claim(c, a, n, by))
+    conns = [await db.connect(dsn) for _ in range(workers)]
+    results: list[list[int]] = [[] for _ in range(workers)]
+    errors: list[str] = []
+    start = anyio.Event()
+
+    async def one(i: int) -> None:
+        await start.wait()
+        try:
+            results[i] = await do_claim(conns[i], ctx.account, count, f"smoke-probe:{ctx.race}")
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(workers):
+                tg.start_soon(one, i)
+            start.set()
+        ids = [x for r in results for x in r]
+        recorded = await conns[0].fetch(Q.exp_ids_claimed, ids)
+    finally:
+        for c in conns:
+            await c.close()
+    dupes = sorted({x for x in ids if ids.count(x) > 1})
+    slots = sorted(set(ids) & set(expid.CHAMPION_SLOTS))
+    mine = {int(r["exp_id"]) for r in recorded if r["account"] == ctx.account}
+    unrecorded = sorted(set(ids) - mine)
+    if errors or dupes or slots or unrecorded or len(ids) != workers * count:
+        return _c(10, False, f"{len(ids)} ids from {workers} claimers; duplicates {dupes}, "
+                  f"champion slots {slots}, not recorded {unrecorded[:5]}, errors {errors[:2]}",
+                  ids=ids)
+    return _c(10, True, f"{workers} concurrent claims of {count}: {len(ids)} distinct EXP_IDs "
+              f"E{min(ids):04d}..E{max(ids):04d}, each recorded for {ctx.account}", ids=sorted(ids))
+
+
+READS: dict[int, Callable[[asyncpg.Connection, RaceContext], Awaitable[Criterion]]] = {
+    1: first_samples,
+    2: lr8_tokens,
+    3: samples_per_seed,
+    4: one_row_per_name,
+    6: leaderboard_gate0,
+    11: corpus_reported,
+    12: no_tripwires,
+}
+
+
+async def evaluate(
+    conn: asyncpg.Connection,
+    ctx: RaceContext,
+    probes: dict[int, Criterion],
+    *,
+    observed: Sequence[ServiceState] | None,
+) -> list[Criterion]:
+    """Criteria 1..13 in order: the reads now, the probes' outcomes as given (a probe that
+    did not run is RED)."""
+    out: list[Criterion] = []
+    for n in range(1, 14):
+        if n in READS:
+            out.append(await READS[n](conn, ctx))
+        elif n == 13:
+            out.append(await teardown_clean(conn, ctx, observed=observed))
+        else:
+            out.append(probes.get(n) or _c(n, False, "the probe did not run"))
+    return out
