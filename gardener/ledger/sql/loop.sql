@@ -1,0 +1,179 @@
+-- Queries of the worker loop (gardener/loop, gardener/ledger/snapshot.py, apply.py).
+
+-- name: now_epoch
+SELECT extract(epoch FROM now())::float8
+
+-- name: max_sample_id
+SELECT coalesce(max(id), 0) FROM bpb_samples
+
+-- name: new_samples_since
+-- The trials that got samples with id in ($1, $2], their highest step among them, and their race.
+SELECT s.canon_name, max(s.step) AS max_step, t.race, t.rung, t.desired_state
+FROM bpb_samples s
+JOIN igla_race_trials t ON t.canon_name = s.canon_name
+JOIN races r ON r.name = t.race AND r.status = 'running'
+WHERE s.id > $1 AND s.id <= $2
+GROUP BY s.canon_name, t.race, t.rung, t.desired_state
+
+-- name: live_trial_steps
+-- Level-triggered rescan: every live trial of a running race with its highest step.
+SELECT t.canon_name, t.race, t.rung, t.desired_state,
+       greatest(t.last_step, (SELECT max(s.step) FROM bpb_samples s
+                              WHERE s.canon_name = t.canon_name AND s.seed = t.seed)) AS max_step
+FROM igla_race_trials t
+JOIN races r ON r.name = t.race AND r.status = 'running'
+WHERE t.desired_state = 'running'
+
+-- name: stalled_candidates
+-- Trials that should be running, are observed running, and have been silent longer than $1
+-- seconds, with no stalled tripwire recorded yet.
+SELECT t.race, t.canon_name
+FROM igla_race_trials t
+JOIN races r ON r.name = t.race AND r.status = 'running'
+WHERE t.desired_state = 'running' AND t.observed_state = 'running'
+  AND coalesce(t.last_sample_at,
+               (SELECT max(s.ts) FROM bpb_samples s WHERE s.canon_name = t.canon_name),
+               t.observed_at, t.updated_at) < now() - make_interval(secs => $1)
+  AND NOT EXISTS (SELECT 1 FROM tripwire_events e WHERE e.dedupe_key = 'stalled:' || t.canon_name)
+
+-- name: running_races
+SELECT name, account, kind, status, horizon, config FROM races
+WHERE status = 'running' AND kind <> 'backtest'
+ORDER BY name
+
+-- name: race_row
+SELECT name, account, kind, status, horizon, config FROM races WHERE name = $1
+
+-- name: snapshot_trials
+-- One race's trials with their samples in arrival order, and times as epoch seconds.
+SELECT t.canon_name, t.variant, t.seed, t.format, t.hidden_size, t.parent, t.rung,
+       t.desired_state, t.observed_state, t.corpus_sha256, t.steps AS max_steps, t.exp_id,
+       t.account, t.seed_state,
+       extract(epoch FROM coalesce(t.last_sample_at, s.last_ts, t.observed_at, t.updated_at))::float8
+           AS silent_since,
+       coalesce(s.steps, '{}'::int[]) AS sample_steps,
+       coalesce(s.bpbs, '{}'::float8[]) AS sample_bpbs
+FROM igla_race_trials t
+LEFT JOIN LATERAL (
+    SELECT array_agg(b.step ORDER BY b.id) AS steps, array_agg(b.bpb ORDER BY b.id) AS bpbs,
+           max(b.ts) AS last_ts
+    FROM bpb_samples b WHERE b.canon_name = t.canon_name AND b.seed = t.seed
+) s ON true
+WHERE t.race = $1
+ORDER BY t.created_at, t.canon_name
+
+-- name: used_seeds_for
+SELECT variant, array_agg(seed) AS seeds FROM used_seeds WHERE variant = ANY($1::text[])
+GROUP BY variant
+
+-- name: race_tripwires
+SELECT e.id, e.kind, e.canon_name, e.evidence, e.blocks_promotions, e.acknowledged_at
+FROM tripwire_events e
+WHERE e.race = $1
+   OR e.canon_name IN (SELECT canon_name FROM igla_race_trials WHERE race = $1)
+ORDER BY e.id
+
+-- name: insert_applied_decision
+INSERT INTO gardener_decisions (
+    race, rung, canon_name, action, seed_state, numbers, reason, applied, applied_at, decided_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, true, now(), $8)
+ON CONFLICT (canon_name, rung, action) WHERE applied DO NOTHING
+RETURNING id
+
+-- name: insert_held_decision
+INSERT INTO gardener_decisions (
+    race, rung, canon_name, action, seed_state, numbers, reason, applied, held_reason, decided_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, false, $8, $9)
+ON CONFLICT (canon_name, rung, action) WHERE NOT applied DO NOTHING
+RETURNING id
+
+-- name: trial_row_for_update
+SELECT * FROM igla_race_trials WHERE canon_name = $1 FOR UPDATE
+
+-- name: record_decided
+-- The trial's rung, seed state and fit after a decision (the rung never goes down).
+UPDATE igla_race_trials
+SET rung = greatest(rung, $2),
+    seed_state = coalesce($3, seed_state),
+    fit_bpb_inf = coalesce($4, fit_bpb_inf),
+    fit_ci_low = coalesce($5, fit_ci_low),
+    fit_ci_high = coalesce($6, fit_ci_high),
+    fit_p = coalesce($7, fit_p),
+    fit_a = coalesce($8, fit_a),
+    updated_at = now()
+WHERE canon_name = $1
+
+-- name: stop_trial
+UPDATE igla_race_trials SET desired_state = 'stopped', updated_at = now()
+WHERE canon_name = $1 AND desired_state = 'running'
+
+-- name: insert_tripwire
+INSERT INTO tripwire_events (kind, race, canon_name, dedupe_key, evidence, blocks_promotions)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (dedupe_key) DO NOTHING
+RETURNING id
+
+-- name: finished_races
+-- Running races whose every trial has ended: finished (succeeded or failed), or asked to stop
+-- and no longer running (or never started).
+SELECT r.name, r.account, r.config
+FROM races r
+WHERE r.status = 'running' AND r.kind <> 'backtest'
+  AND EXISTS (SELECT 1 FROM igla_race_trials t WHERE t.race = r.name)
+  AND NOT EXISTS (
+      SELECT 1 FROM igla_race_trials t
+      WHERE t.race = r.name
+        AND NOT (t.observed_state IN ('succeeded', 'failed')
+                 OR (t.desired_state <> 'running'
+                     AND (t.observed_state IN ('stopped', 'removed')
+                          OR (t.service_id IS NULL AND t.observed_state = 'pending')))))
+
+-- name: mark_race_done
+UPDATE races SET status = 'done', finished_at = now() WHERE name = $1 AND status = 'running'
+RETURNING name
+
+-- name: teardown_race
+UPDATE igla_race_trials SET desired_state = 'removed', updated_at = now()
+WHERE race = $1 AND desired_state <> 'removed'
+
+-- name: desired_trials
+-- What the reconciler should drive: every trial of a race that is not done with, or not removed.
+SELECT t.canon_name, t.account, t.race, t.desired_state, t.observed_state, t.steps,
+       t.hidden_size, t.variables, t.service_id, t.deployment_id, t.backend
+FROM igla_race_trials t
+JOIN races r ON r.name = t.race
+WHERE r.kind <> 'backtest'
+  AND ($1::text IS NULL OR t.account = $1)
+  AND NOT (t.desired_state = 'removed' AND t.observed_state = 'removed')
+
+-- name: set_observed
+UPDATE igla_race_trials
+SET observed_state = $2, service_id = coalesce($3, service_id),
+    deployment_id = coalesce($4, deployment_id),
+    observed_at = CASE WHEN observed_state IS DISTINCT FROM $2 THEN now() ELSE observed_at END,
+    updated_at = CASE WHEN observed_state IS DISTINCT FROM $2 THEN now() ELSE updated_at END
+WHERE canon_name = $1
+  AND (observed_state IS DISTINCT FROM $2 OR service_id IS DISTINCT FROM coalesce($3, service_id)
+       OR deployment_id IS DISTINCT FROM coalesce($4, deployment_id))
+
+-- name: hunt_status
+SELECT t.canon_name, t.race, t.account, t.desired_state, t.observed_state, t.rung, t.seed_state,
+       t.fit_bpb_inf, t.fit_ci_low, t.fit_ci_high, t.seed,
+       coalesce(t.last_step, s.max_step) AS last_step, coalesce(t.last_bpb, s.last_bpb) AS last_bpb,
+       d.action AS decision, d.reason AS decision_reason, d.numbers AS decision_numbers
+FROM igla_race_trials t
+LEFT JOIN LATERAL (
+    SELECT max(b.step) AS max_step,
+           (array_agg(b.bpb ORDER BY b.step DESC))[1] AS last_bpb
+    FROM bpb_samples b WHERE b.canon_name = t.canon_name AND b.seed = t.seed
+) s ON true
+LEFT JOIN LATERAL (
+    SELECT g.action, g.reason, g.numbers FROM gardener_decisions g
+    WHERE g.canon_name = t.canon_name AND ($2::int IS NULL OR g.rung = $2)
+    ORDER BY g.id DESC LIMIT 1
+) d ON true
+WHERE t.account = $1 AND ($3::text IS NULL OR t.race = $3)
+ORDER BY t.race, t.canon_name
+
+-- name: decisions_count_by_action
+SELECT action, applied, count(*) AS n FROM gardener_decisions GROUP BY action, applied

@@ -1,0 +1,160 @@
+"""How the loop is woken and steered: LISTEN on a dedicated connection, and shared state.
+
+NOTIFY is only a hint: ``gardener_samples`` wakes the tick early, ``gardener_control`` flips
+the pause flag at once (so a pause takes effect well within a second); the tick re-reads the
+flag from the table each time and finds new samples by watermark, so a lost notification
+costs at most one poll interval. The listening connection lives outside the pool and is
+re-opened when it drops.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+
+from gardener import logs
+from gardener.errors import ConfigError
+from gardener.ledger import db
+from gardener.ledger.control import CONTROL_CHANNEL
+from gardener.loop import metrics
+
+SAMPLES_CHANNEL = "gardener_samples"
+log = logs.get_logger("gardener.loop.control")
+
+
+class Wakeup:
+    """A re-armable event: ``set`` from anywhere in the loop, ``wait`` with a timeout."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> bool:
+        """True when woken, False on timeout; re-arms before returning (no lost wake-up)."""
+        woken = False
+        with anyio.move_on_after(seconds):
+            await self._event.wait()
+            woken = True
+        if self._event.is_set():
+            self._event = anyio.Event()
+            woken = True
+        return woken
+
+
+@dataclass
+class LoopState:
+    """What the daemon's tasks share: role, pause flag, wake-ups, the stop signal."""
+
+    stop: anyio.Event
+    role: str = "starting"  # starting | standby | leader | stopping
+    paused: bool = False
+    pause_reason: str | None = None
+    tick_wakeup: Wakeup = field(default_factory=Wakeup)
+    reconcile_wakeup: Wakeup = field(default_factory=Wakeup)
+    last_tick_at: float | None = None
+    last_reconcile_at: float | None = None
+    http_port: int | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def set_paused(self, paused: bool, reason: str | None, by: str | None, source: str) -> None:
+        """Record the flag; log and wake everyone when it changed."""
+        changed = paused != self.paused
+        self.paused, self.pause_reason = paused, reason
+        metrics.PAUSED.set(1 if paused else 0)
+        if changed:
+            log.info(
+                "paused" if paused else "resumed", reason=reason, changed_by=by, source=source
+            )
+            self.tick_wakeup.set()
+            self.reconcile_wakeup.set()
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.tick_wakeup.set()
+        self.reconcile_wakeup.set()
+
+
+class Listener:
+    """LISTEN on ``gardener_samples`` and ``gardener_control``; reconnect when it drops."""
+
+    def __init__(
+        self,
+        dsn: str,
+        state: LoopState,
+        *,
+        retry: float = 1.0,
+        check_every: float = 5.0,
+        on_samples: Callable[[], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.state = state
+        self.retry = retry
+        self.check_every = check_every
+        self.on_samples = on_samples
+        self.connected = anyio.Event()
+        self.reconnects = 0
+
+    def _samples(self, *_: Any) -> None:
+        self.state.tick_wakeup.set()
+        if self.on_samples is not None:
+            self.on_samples()
+
+    def _control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            data = {}
+        if "paused" in data:
+            self.state.set_paused(
+                bool(data["paused"]), data.get("reason"), data.get("changed_by"), "notify"
+            )
+        self.state.tick_wakeup.set()
+
+    async def run(self) -> None:
+        """Listen until the stop event; a dropped connection is re-opened after ``retry`` s."""
+        while not self.state.stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await db.connect(self.dsn)
+                await conn.add_listener(SAMPLES_CHANNEL, self._samples)
+                await conn.add_listener(CONTROL_CHANNEL, self._control)
+                row = await conn.fetchrow("SELECT paused, reason, changed_by FROM gardener_control")
+                if row is not None:
+                    self.state.set_paused(row["paused"], row["reason"], row["changed_by"], "read")
+                self.connected.set()
+                # A notification sent while we were away is lost: wake the tick to catch up.
+                self.state.tick_wakeup.set()
+                while not self.state.stop.is_set():
+                    with anyio.move_on_after(self.check_every):
+                        await self.state.stop.wait()
+                    if conn.is_closed():
+                        raise ConnectionError("listener connection closed")
+                    with anyio.fail_after(self.check_every):
+                        await conn.fetchval("SELECT 1")
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                ConnectionError,
+                TimeoutError,
+                ConfigError,  # db.connect: the server is unreachable right now
+            ) as exc:
+                self.reconnects += 1
+                self.connected = anyio.Event()
+                log.warning("listener_reconnect", error=str(exc) or type(exc).__name__)
+                await anyio.sleep(self.retry)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await conn.close(timeout=2)
+                        except Exception:  # closing a broken connection
+                            conn.terminate()

@@ -1,0 +1,247 @@
+"""Hand the desired state to the backends, write back what they observe, pump their logs.
+
+A pass (every ``interval`` seconds, and at once when a decision changed the desired state)
+builds one ``ServiceSpec`` per trial from the ledger (``TRAIN_*`` variables from
+``trainer_variables``, the trial's stored variables on top, its identity last), calls
+``reconcile_once`` per account, and writes ``observed_state`` / ``service_id`` /
+``deployment_id`` back (only what changed). While paused it only observes: no create, stop or
+remove. The log pump tails every service the backend knows and hands the lines to the ingest
+writer; cursors live in memory, so after a restart logs are read again from the start and the
+writer's unique key makes the re-delivery a no-op.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import anyio
+import asyncpg
+
+from gardener import logs
+from gardener.backends.base import Backend, ServiceSpec, ServiceState, Status
+from gardener.backends.reconcile import Backoff, ReconcileReport, reconcile_once
+from gardener.core import canon as canon_mod
+from gardener.core.config import DEFAULT_RUNGS
+from gardener.core.types import DesiredState
+from gardener.errors import GardenerError
+from gardener.ledger.apply import IDENTITY_VARIABLES
+from gardener.ledger.queries import Queries
+from gardener.loop import metrics
+from gardener.loop.control import LoopState
+from gardener.settings import Settings
+from gardener.trainer.spec import ModelsConfig, load_models_config, trainer_variables
+
+Q = Queries("loop.sql")
+log = logs.get_logger("gardener.loop.reconciler")
+
+# Backend statuses after which a service writes no more log lines.
+_FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.REMOVED})
+
+
+class LineSink(Protocol):
+    """Where log lines go: the ingest ``SampleWriter``."""
+
+    def submit_lines(
+        self, canon_name: str, lines: Sequence[str], source: str
+    ) -> Awaitable[Any]: ...
+
+
+class ObservingBackend:
+    """A backend wrapper that remembers the last ``observe()``: the report carries counts only,
+    and the observed states are what the ledger needs."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.account = inner.account
+        self.last: list[ServiceState] | None = None
+
+    async def observe(self) -> list[ServiceState]:
+        self.last = await self.inner.observe()
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def build_spec(
+    row: Mapping[str, Any], settings: Settings, models: ModelsConfig | None
+) -> ServiceSpec:
+    """One trial's desired service: trainer variables, stored overrides, identity last."""
+    name = row["canon_name"]
+    stored = {str(k): str(v) for k, v in dict(row["variables"] or {}).items()}
+    variables: dict[str, str] = {}
+    if models is not None:
+        try:
+            parsed = canon_mod.parse(name, models=(*canon_mod.DEFAULT_MODELS, *models.models))
+            steps = int(row["steps"] or row["horizon"] or DEFAULT_RUNGS[-1])
+            variables = trainer_variables(
+                parsed,
+                steps=steps,
+                corpus=settings.corpus,
+                models=models,
+                hidden_size=row["hidden_size"],
+            )
+        except GardenerError as exc:
+            log.error("spec_variables_failed", canon_name=name, error=str(exc))
+    identity = {k: variables[k] for k in IDENTITY_VARIABLES if k in variables}
+    return ServiceSpec(
+        canon_name=name,
+        account=row["account"],
+        desired=DesiredState(row["desired_state"]),
+        variables={**variables, **stored, **identity},
+        race=row["race"],
+    )
+
+
+class Reconciler:
+    """The reconcile task and the log pump, one backend per account."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        state: LoopState,
+        backends: Mapping[str, Backend],
+        sink: LineSink | None,
+        *,
+        interval: float = 10.0,
+        log_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.state = state
+        self.backends = {acc: ObservingBackend(b) for acc, b in backends.items()}
+        self.sink = sink
+        self.interval = interval
+        self.log_interval = log_interval
+        self.clock = clock
+        self.backoffs = {acc: Backoff() for acc in backends}
+        self.cursors: dict[str, str | None] = {}
+        self.drained: set[str] = set()  # services in a final state whose log was read to the end
+        self.known: dict[str, tuple[str, Status]] = {}  # canon_name -> (account, status)
+        try:
+            self.models: ModelsConfig | None = load_models_config()
+        except GardenerError as exc:
+            log.error("models_config_unavailable", error=str(exc))
+            self.models = None
+
+    async def run(self) -> None:
+        """Reconcile every ``interval`` and whenever the desired state changed."""
+        while not self.state.stop.is_set():
+            await self.pass_once()
+            await self.state.reconcile_wakeup.wait(self.interval)
+
+    async def pass_once(self) -> dict[str, ReconcileReport | None]:
+        """One pass over every account; returns each account's report (None when paused)."""
+        started = time.perf_counter()
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(Q.desired_trials, None)
+        by_account: dict[str, list[Mapping[str, Any]]] = {acc: [] for acc in self.backends}
+        for r in rows:
+            if r["account"] in by_account:
+                by_account[r["account"]].append(r)
+        reports: dict[str, ReconcileReport | None] = {}
+        for acc, backend in self.backends.items():
+            if self.state.stop.is_set():
+                break
+            mine = by_account[acc]
+            paused = self.state.paused
+            if paused:
+                observed = await self._observe_only(backend)
+                reports[acc] = None
+            else:
+                specs = [build_spec(r, self.settings, self.models) for r in mine]
+                report = await reconcile_once(specs, backend, backoff=self.backoffs[acc])
+                reports[acc] = report
+                observed = backend.last if report.observe_error is None else None
+            if observed is not None:
+                await self._write_observed(mine, observed, acc)
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        self.state.last_reconcile_at = time.time()
+        return reports
+
+    async def _observe_only(self, backend: ObservingBackend) -> list[ServiceState] | None:
+        try:
+            return await backend.observe()
+        except GardenerError as exc:
+            log.warning("observe_failed", backend=backend.kind, error=str(exc))
+            return None
+
+    async def _write_observed(
+        self, rows: Sequence[Mapping[str, Any]], observed: Sequence[ServiceState], account: str
+    ) -> None:
+        seen = {s.canon_name: s for s in observed if s.owned and s.canon_name}
+        for name, s in seen.items():
+            self.known[name] = (account, s.status)
+            if s.status not in _FINAL:
+                self.drained.discard(name)  # started again: follow its log again
+        updates: list[tuple[str, str, str | None, str | None]] = []
+        for r in rows:
+            name = r["canon_name"]
+            st = seen.get(name)
+            new: tuple[str, str | None, str | None]
+            if st is not None:
+                new = (st.status.value, st.service_id, st.deployment_id)
+            elif r["desired_state"] == "removed" or (
+                r["service_id"] is not None and r["observed_state"] != "pending"
+            ):
+                new = ("removed" if r["desired_state"] == "removed" else "stopped", None, None)
+            else:
+                continue  # never created yet
+            old = (r["observed_state"], r["service_id"], r["deployment_id"])
+            if new[0] != old[0] or (new[1] and new[1] != old[1]) or (new[2] and new[2] != old[2]):
+                updates.append((name, *new))
+        if updates:
+            async with self.pool.acquire() as conn:
+                await conn.executemany(Q.set_observed, updates)
+            self.state.tick_wakeup.set()  # a trial may have finished: the race may be done
+
+    # -- logs ---------------------------------------------------------------------------------
+    async def pump_logs(self) -> None:
+        """Tail every known service every ``log_interval`` and feed the writer."""
+        if self.sink is None:
+            return
+        while not self.state.stop.is_set():
+            await self.pump_once()
+            with anyio.move_on_after(self.log_interval):
+                await self.state.stop.wait()
+
+    async def pump_once(self, concurrency: int = 8) -> int:
+        """One round of tails; returns the number of lines handed over."""
+        if self.sink is None:
+            return 0
+        total = 0
+        gate = anyio.Semaphore(concurrency)
+
+        async def one(name: str, account: str, status: Status) -> None:
+            nonlocal total
+            backend = self.backends.get(account)
+            if backend is None or self.state.stop.is_set():
+                return
+            async with gate:
+                try:
+                    lines = await backend.tail(name, self.cursors.get(name))
+                except GardenerError as exc:
+                    log.warning("tail_failed", canon_name=name, error=str(exc))
+                    return
+                if not lines:
+                    if status in _FINAL:
+                        self.drained.add(name)
+                    return
+                assert self.sink is not None
+                await self.sink.submit_lines(
+                    name, [ln.message for ln in lines], f"{backend.kind}-log"
+                )
+                self.cursors[name] = lines[-1].cursor
+                total += len(lines)
+                metrics.LOG_LINES.labels(backend.kind).inc(len(lines))
+
+        async with anyio.create_task_group() as tg:
+            for name, (account, status) in list(self.known.items()):
+                if name not in self.drained:
+                    tg.start_soon(one, name, account, status)
+        return total

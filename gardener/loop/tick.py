@@ -1,0 +1,324 @@
+"""One tick: find the races that need deciding, decide them with the pure core, apply.
+
+Which races, each tick:
+
+- crossings: a live trial whose highest step reached a rung above its recorded ``rung``.
+  New samples are found by id watermark (``id > last seen``) and checked at once; a full
+  level-triggered rescan of every live trial runs at start and every ``rescan_every``
+  seconds, so a row committed late (ids are handed out before commit) or a lost
+  notification is still seen. Crossing races are decided in the same tick.
+- new samples without a crossing: the race is decided at most every ``min_interval`` (the
+  core may kill a DIVERGING trial or fire a tripwire at any step).
+- stalls: a trial that should run and has been silent longer than ``stall_after``.
+
+Then every running race whose trials all ended is marked done (and torn down if its config
+says ``auto_teardown``). Mutating work stops while paused: decisions come back from the core
+as HOLD and are logged once per key, and no race is finished or torn down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+import asyncpg
+
+from gardener import logs
+from gardener.core.config import DecisionConfig
+from gardener.core.decide import decide
+from gardener.core.rungs import rung_reached
+from gardener.core.types import Action, Decision
+from gardener.ledger import control as ledger_control
+from gardener.ledger.apply import Applied, Outcome, action_key, apply_decision
+from gardener.ledger.queries import Queries
+from gardener.ledger.snapshot import RaceInfo, base_config, load_snapshot, race_config
+from gardener.loop import metrics
+from gardener.loop.control import LoopState
+from gardener.settings import Settings
+
+Q = Queries("loop.sql")
+log = logs.get_logger("gardener.loop.tick")
+
+
+@dataclass
+class TickReport:
+    """What one tick saw and did (the ``--once`` output and the tests read it)."""
+
+    paused: bool = False
+    crossings: list[str] = field(default_factory=list)
+    decided: list[str] = field(default_factory=list)
+    applied: int = 0
+    held: int = 0
+    duplicates: int = 0
+    tripwires: int = 0
+    spawned: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+class Ticker:
+    """The tick's state across calls: the watermark, what is pending, when races were decided."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        *,
+        state: LoopState | None = None,
+        account: str | None = None,
+        decided_by: str = "gardener",
+        backend: str = "local",
+        rescan_every: float = 30.0,
+        min_interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_desired_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.state = state
+        self.account = account
+        self.decided_by = decided_by
+        self.backend = backend
+        self.rescan_every = rescan_every
+        self.min_interval = settings.poll_interval if min_interval is None else min_interval
+        self.clock = clock
+        self.on_desired_change = on_desired_change
+        self.base = base_config(settings)
+        self.watermark: int | None = None
+        self._last_rescan = float("-inf")
+        self._last_decided: dict[str, float] = {}
+        self._soft: set[str] = set()  # races with new samples, decided at most every min_interval
+        self._holding: set[str] = set()  # races whose last decide held something
+        self._was_paused: bool | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        return self.state is not None and self.state.stop.is_set()
+
+    def _paused_now(self, fallback: bool) -> bool:
+        return self.state.paused if self.state is not None else fallback
+
+    def config_for(self, race: RaceInfo) -> DecisionConfig:
+        return race_config(self.base, race)
+
+    async def _races(self, conn: asyncpg.Connection) -> dict[str, RaceInfo]:
+        rows = await conn.fetch(Q.running_races)
+        races = {r["name"]: RaceInfo.from_row(r) for r in rows}
+        if self.account is not None:
+            races = {k: v for k, v in races.items() if v.account == self.account}
+        return races
+
+    def _crossed(self, races: dict[str, RaceInfo], rows: Iterable[asyncpg.Record]) -> set[str]:
+        """Races with a live trial whose highest step reached a rung above its ``rung``."""
+        out: set[str] = set()
+        configs: dict[str, DecisionConfig] = {}
+        for r in rows:
+            race = races.get(r["race"])
+            if race is None or r["desired_state"] != "running" or r["max_step"] is None:
+                continue
+            if race.name not in configs:
+                configs[race.name] = self.config_for(race)
+            if rung_reached(configs[race.name], int(r["max_step"])) > int(r["rung"]):
+                out.add(race.name)
+        return out
+
+    # -- the tick -----------------------------------------------------------------------------
+    async def tick(self) -> TickReport:
+        """Detect, decide, apply and finish; returns what it did."""
+        started = time.perf_counter()
+        report = TickReport()
+        async with self.pool.acquire() as conn:
+            ctl = await ledger_control.get(conn)
+            if self.state is not None:
+                self.state.set_paused(ctl.paused, ctl.reason, ctl.changed_by, "tick")
+            paused = ctl.paused
+            report.paused = paused
+            races = await self._races(conn)
+            now = self.clock()
+            crossing: set[str] = set()
+            high = int(await conn.fetchval(Q.max_sample_id))
+            first = self.watermark is None
+            if first or now - self._last_rescan >= self.rescan_every:
+                crossing |= self._crossed(races, await conn.fetch(Q.live_trial_steps))
+                self._last_rescan = now
+                if first:
+                    self._soft |= set(races)  # after a restart: look at every race once
+            if self.watermark is not None and high > self.watermark:
+                rows = await conn.fetch(Q.new_samples_since, self.watermark, high)
+                crossing |= self._crossed(races, rows)
+                self._soft |= {r["race"] for r in rows if r["race"] in races}
+            self.watermark = high
+            for r in await conn.fetch(Q.stalled_candidates, float(self.settings.stall_after)):
+                if r["race"] in races:
+                    crossing.add(r["race"])
+            if self._was_paused and not paused:
+                crossing |= self._holding & set(races)  # resumed: held decisions go now
+            self._was_paused = paused
+            # A race that only holds does not need deciding on every sample.
+            held_again = crossing & self._holding
+            crossing -= held_again
+            self._soft |= held_again
+            due = set(crossing)
+            for name in list(self._soft):
+                if name not in races:
+                    self._soft.discard(name)
+                elif now - self._last_decided.get(name, float("-inf")) >= self.min_interval:
+                    due.add(name)
+            report.crossings = sorted(crossing)
+            for name in sorted(due):
+                if self._stopping():
+                    break
+                self._soft.discard(name)
+                self._last_decided[name] = now
+                race = races[name]
+                if not race.decides:
+                    continue
+                try:
+                    await self._decide_race(conn, race, paused, report)
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                    raise
+                except Exception as exc:  # a bad race must not stop the others
+                    metrics.TICK_ERRORS.inc()
+                    report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                    log.exception("race_decide_failed", race=name, account=race.account)
+                    self._soft.add(name)
+            if not paused and not self._stopping():
+                await self._finish_races(conn, races, report)
+        report.seconds = time.perf_counter() - started
+        metrics.TICK_SECONDS.observe(report.seconds)
+        if self.state is not None:
+            self.state.last_tick_at = time.time()
+        return report
+
+    async def decide_race(self, conn: asyncpg.Connection, race: RaceInfo) -> TickReport:
+        """Decide and apply one race now (the CLI and the benchmarks use this)."""
+        report = TickReport()
+        paused = (await ledger_control.get(conn)).paused
+        report.paused = paused
+        await self._decide_race(conn, race, paused, report)
+        return report
+
+    async def _decide_race(
+        self, conn: asyncpg.Connection, race: RaceInfo, paused: bool, report: TickReport
+    ) -> None:
+        snapshot = await load_snapshot(
+            conn, race, paused=paused, expected_corpus_sha256=self.settings.corpus_sha256
+        )
+        cfg = self.config_for(race)
+        t0 = time.perf_counter()
+        decisions = await anyio.to_thread.run_sync(decide, snapshot, cfg)
+        metrics.FIT_SECONDS.observe(time.perf_counter() - t0)
+        report.decided.append(race.name)
+        holding = False
+        changed = False
+        for d in decisions:
+            if self._stopping():
+                break
+            if d.mutates and self._paused_now(paused):
+                holding = True  # paused after the snapshot: it comes back as HOLD next tick
+                continue
+            with anyio.CancelScope(shield=True):  # a started transaction is finished
+                result = await apply_decision(
+                    conn,
+                    race.name,
+                    race.account,
+                    d,
+                    decided_by=self.decided_by,
+                    backend=self.backend,
+                )
+            holding |= d.action is Action.HOLD
+            changed |= result.changed_desired_state
+            self._record(race, result, report)
+        if holding:
+            self._holding.add(race.name)
+        else:
+            self._holding.discard(race.name)
+        if changed and self.on_desired_change is not None:
+            self.on_desired_change()
+
+    def _record(self, race: RaceInfo, result: Applied, report: TickReport) -> None:
+        d: Decision = result.decision
+        metrics.DECISIONS.labels(d.action.value, result.outcome.value).inc()
+        if result.outcome is Outcome.DUPLICATE:
+            report.duplicates += 1
+            return
+        bound = log.bind(
+            race=race.name, canon_name=d.canon_name, rung=d.rung, account=race.account
+        )
+        if result.outcome is Outcome.HELD:
+            report.held += 1
+            bound.info(
+                "decision_held",
+                action=action_key(d),
+                reason=d.reason,
+                decision_id=result.decision_id,
+            )
+            return
+        report.applied += 1
+        if d.action is Action.TRIPWIRE and d.tripwire is not None:
+            report.tripwires += 1
+            metrics.TRIPWIRES.labels(d.tripwire.kind).inc()
+            bound.warning(
+                "tripwire",
+                kind=d.tripwire.kind,
+                evidence=d.tripwire.evidence,
+                blocks_promotions=d.tripwire.blocks_promotions,
+                tripwire_id=result.tripwire_id,
+            )
+            return
+        if d.action is Action.PRUNE:
+            report.stopped.append(d.canon_name)
+        report.spawned.extend(result.spawned)
+        bound.info(
+            "decision",
+            action=d.action.value,
+            seed_state=d.seed_state.value,
+            reason=d.reason,
+            spawned=list(result.spawned),
+            decision_id=result.decision_id,
+        )
+
+    async def _finish_races(
+        self, conn: asyncpg.Connection, races: dict[str, RaceInfo], report: TickReport
+    ) -> None:
+        """Mark done every running race whose trials all ended; tear down if asked."""
+        for row in await conn.fetch(Q.finished_races):
+            race = races.get(row["name"])
+            if race is None:
+                continue
+            with anyio.CancelScope(shield=True):
+                async with conn.transaction():
+                    if await conn.fetchval(Q.mark_race_done, race.name) is None:
+                        continue
+                    if race.auto_teardown:
+                        await conn.execute(Q.teardown_race, race.name)
+                    await conn.fetchval(
+                        Q.insert_applied_decision,
+                        race.name,
+                        -1,
+                        race.name,
+                        "race_done",
+                        None,
+                        {"auto_teardown": race.auto_teardown},
+                        "every trial stopped or finished"
+                        + ("; tearing down its services" if race.auto_teardown else ""),
+                        self.decided_by,
+                    )
+            report.finished.append(race.name)
+            metrics.RACES_DONE.inc()
+            log.info(
+                "race_done",
+                race=race.name,
+                account=race.account,
+                auto_teardown=race.auto_teardown,
+            )
+            if race.auto_teardown and self.on_desired_change is not None:
+                self.on_desired_change()
