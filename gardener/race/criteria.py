@@ -81,7 +81,7 @@ class CriteriaConfig:
         """More than ``min_samples_per_seed`` rows; a shorter race needs more than 80% of
         the rows it can produce (a 60-step race makes 6)."""
         possible = max_steps // max(1, eval_every)
-        return min(self.min_samples_per_seed, max(1, (possible * 4) // 5 - 1))
+        return min(self.min_samples_per_seed, max(1, (possible * 4) // 5))
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,8 @@ class SmokeConfig:
             given["criteria"] = replace(self.criteria, **given["criteria"])
         out = replace(self, **given)
         if "max_steps" in given and "rungs" not in given:
-            first = min(self.rungs[0], out.max_steps)
-            out = replace(out, rungs=tuple(sorted({first, out.max_steps})))
+            first = self.rungs[0] if self.rungs[0] < out.max_steps else out.max_steps // 2
+            out = replace(out, rungs=(first, out.max_steps))
         out.validate()
         return out
 
