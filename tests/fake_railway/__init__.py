@@ -32,7 +32,7 @@ def make_backend(
     account: str = "acc1",
     budget_per_hour: int = 100_000,
     timeout: float = 0.25,
-    deploy_grace: float = 2.0,
+    deploy_grace: float = 0.5,
     **client_kw: object,
 ) -> RailwayBackend:
     """A RailwayBackend pointed at the fake, with a fast (recorded) retry sleep."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import socket
@@ -35,6 +36,17 @@ def load_schema() -> graphql.GraphQLSchema:
     if _SCHEMA is None:
         _SCHEMA = graphql.build_schema(SCHEMA_PATH.read_text(), assume_valid=True)
     return _SCHEMA
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(query: str) -> tuple[graphql.DocumentNode | None, list[dict[str, Any]]]:
+    """Parse and validate a document against the schema (memoised: documents repeat)."""
+    try:
+        doc = graphql.parse(query)
+    except graphql.GraphQLError as exc:
+        return None, [exc.formatted]
+    errors = graphql.validate(load_schema(), doc)
+    return doc, [dict(e.formatted) for e in errors]
 
 
 def rfc3339_ns(ns: int) -> str:
@@ -168,9 +180,12 @@ class FakeRailway:
             self._deploy(svc, back_dated=True)
             return svc.id
 
-    def service_by_name(self, name: str) -> Service | None:
+    def service_by_name(self, name: str, project_id: str | None = None) -> Service | None:
+        """The service called ``name`` (in ``project_id``, or in any project)."""
         with self.lock:
             for proj in self.projects.values():
+                if project_id is not None and proj.id != project_id:
+                    continue
                 for svc in proj.services.values():
                     if svc.name == name:
                         return svc
@@ -180,24 +195,26 @@ class FakeRailway:
         with self.lock:
             return [s for p in self.projects.values() for s in p.services.values()]
 
-    def crash(self, name: str) -> None:
+    def crash(self, name: str, project_id: str | None = None) -> None:
         """Mark the service's latest deployment CRASHED."""
         with self.lock:
-            svc = self.service_by_name(name)
+            svc = self.service_by_name(name, project_id)
             assert svc and svc.deployments, name
             svc.deployments[-1].override = "CRASHED"
 
-    def finish(self, name: str) -> None:
+    def finish(self, name: str, project_id: str | None = None) -> None:
         """The service's process exited 0: SUCCESS with all instances stopped."""
         with self.lock:
-            svc = self.service_by_name(name)
+            svc = self.service_by_name(name, project_id)
             assert svc and svc.deployments, name
             svc.deployments[-1].finished = True
 
-    def add_log(self, name: str, message: str, ns: int | None = None) -> int:
+    def add_log(
+        self, name: str, message: str, ns: int | None = None, project_id: str | None = None
+    ) -> int:
         """Append a line to the latest deployment's log; returns its timestamp in ns."""
         with self.lock:
-            svc = self.service_by_name(name)
+            svc = self.service_by_name(name, project_id)
             assert svc and svc.deployments, name
             ts = ns if ns is not None else time.time_ns()
             svc.deployments[-1].logs.append((ts, message))
@@ -295,17 +312,14 @@ class FakeRailway:
         self, query: str, variables: dict[str, Any], op_name: str | None, token: str
     ) -> tuple[dict[str, Any], int]:
         schema = load_schema()
-        try:
-            doc = graphql.parse(query)
-        except graphql.GraphQLError as exc:
-            return {"errors": [exc.formatted]}, 400
-        errors = graphql.validate(schema, doc)
+        doc, errors = _checked(query)
         if errors:
-            return {"errors": [e.formatted for e in errors]}, 400
+            return {"errors": errors}, 400
         with self.lock:
             allowed = {p.id for p in self.projects.values() if token and p.token == token}
             if not allowed:
                 return {"data": None, "errors": [{"message": "Not Authorized"}]}, 200
+            assert doc is not None
             result = graphql.execute_sync(
                 schema, doc, root_value=_Root(self, allowed), variable_values=variables,
                 operation_name=op_name,
