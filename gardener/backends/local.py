@@ -213,13 +213,13 @@ class LocalBackend:
     def _status(self, rec: ProcessRecord) -> tuple[Status, str]:
         if rec.pid is None:
             self._recover_spawn(rec)
-        if self._alive(rec):
+        code = self._exit_code(rec)  # written by the wrapper as its last act: done even if
+        if code is None and self._alive(rec):  # the shell has not quite exited yet
             return Status.RUNNING, "RUNNING"
         if rec.stopped:
             return Status.STOPPED, "STOPPED"
         if rec.failed:
             return Status.FAILED, "FAILED"
-        code = self._exit_code(rec)
         raw = "LOST" if code is None else f"EXITED({code})"
         if code == 0 and rec.restart_policy != RestartPolicy.ALWAYS.value:
             return Status.SUCCEEDED, raw
