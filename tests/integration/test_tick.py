@@ -1,0 +1,278 @@
+"""The tick and the reconciler against a real PostgreSQL, with an in-memory backend.
+
+Samples in, decisions out; the level-triggered rescan catches a row committed behind the
+watermark; pause holds (logged once) and resume applies; stalls fire once; a race whose trials
+all ended is marked done and torn down; the reconciler drives a backend, writes observed state
+back, makes no change while paused, and feeds service logs to the ingest writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+
+from gardener.backends.base import EnsureOutcome, LogLine, ServiceSpec, ServiceState, Status
+from gardener.ingest.writer import SampleWriter
+from gardener.ledger import control, trials
+from gardener.loop.control import LoopState
+from gardener.loop.reconciler import Reconciler
+from gardener.loop.tick import Ticker
+from gardener.settings import Settings
+from tests.integration.test_apply import add_samples, curve, make_race
+
+
+class MemoryBackend:
+    """The backend protocol in memory: services by canon name, log lines by canon name."""
+
+    kind = "memory"
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        self.services: dict[str, Status] = {}
+        self.specs: dict[str, ServiceSpec] = {}
+        self.output: dict[str, list[str]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    async def observe(self) -> list[ServiceState]:
+        return [
+            ServiceState(n, n, f"svc-{n[-12:]}", s, s.value, True, deployment_id="d1")
+            for n, s in self.services.items()
+        ]
+
+    async def ensure(self, spec: ServiceSpec) -> EnsureOutcome:
+        self.calls.append(("ensure", spec.canon_name))
+        self.specs[spec.canon_name] = spec
+        if self.services.get(spec.canon_name) is Status.RUNNING:
+            return EnsureOutcome.UNCHANGED
+        self.services[spec.canon_name] = Status.RUNNING
+        return EnsureOutcome.CREATED
+
+    async def stop(self, canon_name: str, *, account: str | None = None) -> bool:
+        self.calls.append(("stop", canon_name))
+        self.services[canon_name] = Status.STOPPED
+        return True
+
+    async def remove(self, canon_name: str, *, account: str | None = None) -> bool:
+        self.calls.append(("remove", canon_name))
+        return self.services.pop(canon_name, None) is not None
+
+    async def tail(self, canon_name: str, cursor: str | None = None) -> list[LogLine]:
+        lines = self.output.get(canon_name, [])
+        start = int(cursor or 0)
+        return [
+            LogLine(canon_name, m, "2026-01-01T00:00:00Z", str(i + 1))
+            for i, m in enumerate(lines[start:], start)
+        ]
+
+    async def logs(self, canon_name: str, *, poll_interval: float = 2.0) -> AsyncIterator[LogLine]:
+        for line in await self.tail(canon_name):
+            yield line
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def ticker(pool: asyncpg.Pool, **kw: object) -> Ticker:
+    settings = Settings(stall_after=kw.pop("stall_after", 600.0))  # type: ignore[arg-type]
+    return Ticker(pool, settings, min_interval=0.0, **kw)  # type: ignore[arg-type]
+
+
+async def applied(conn: asyncpg.Connection, race: str) -> list[tuple[str, int, str]]:
+    rows = await conn.fetch(
+        "SELECT canon_name, rung, action FROM gardener_decisions WHERE race = $1 AND applied "
+        "ORDER BY id",
+        race,
+    )
+    return [(r["canon_name"], r["rung"], r["action"]) for r in rows]
+
+
+async def test_samples_in_decisions_out(conn: asyncpg.Connection, pool: asyncpg.Pool) -> None:
+    names = await make_race(conn, "r-tick", 6, first_exp=600)
+    t = ticker(pool)
+    first = await t.tick()  # nothing to decide yet
+    assert first.applied == 0
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 25, seed=i))
+    report = await t.tick()
+    assert report.crossings == ["r-tick"]
+    assert report.applied == 6  # rung 0 (collect): a KEEP per trial, with the numbers
+    assert {a for _, r, a in await applied(conn, "r-tick") if r == 0} == {"keep"}
+    quiet = await t.tick()
+    assert quiet.crossings == [] and quiet.applied == 0
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 45, seed=i))
+    report = await t.tick()
+    assert report.crossings == ["r-tick"] and report.stopped
+    rows = await conn.fetch("SELECT canon_name, desired_state, rung FROM igla_race_trials")
+    assert {r["canon_name"] for r in rows if r["desired_state"] == "stopped"} == set(
+        report.stopped
+    )
+    assert all(r["rung"] == 1 for r in rows)
+
+
+async def test_a_row_committed_behind_the_watermark_is_found_by_the_rescan(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, db_dsn: str
+) -> None:
+    names = await make_race(conn, "r-late", 4, first_exp=700)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 15, seed=i))
+    clock = Clock()
+    t = ticker(pool, clock=clock, rescan_every=30.0)
+    assert (await t.tick()).applied == 0
+    late = await asyncpg.connect(db_dsn)
+    try:
+        tx = late.transaction()
+        await tx.start()
+        seed = int(names[0].rsplit("seed", 1)[1])
+        await late.execute(
+            "INSERT INTO bpb_samples (canon_name, seed, step, bpb) VALUES ($1, $2, 20, 2.5)",
+            names[0],
+            seed,
+        )
+        for i, name in enumerate(names[1:], 1):  # higher ids, committed first
+            await add_samples(conn, name, curve(0.04 * i, 20, seed=i))
+        await t.tick()
+        await tx.commit()
+    finally:
+        await late.close()
+    clock.t += 31.0
+    report = await t.tick()
+    assert "r-late" in report.crossings
+    assert (names[0], 0, "keep") in await applied(conn, "r-late")
+
+
+async def test_paused_decisions_are_held_once_then_applied_on_resume(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    names = await make_race(conn, "r-pause", 6, first_exp=800)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.05 * i, 45, seed=i))
+    await control.set_paused(conn, True, "maintenance", "pytest")
+    state = LoopState(stop=anyio.Event())
+    t = ticker(pool, state=state)
+    report = await t.tick()
+    assert report.paused and state.paused and report.held > 0 and not report.stopped
+    for i, name in enumerate(names):  # more samples: decided again, held rows not repeated
+        await add_samples(conn, name, [(46 + i, 2.3)])
+    again = await t.tick()
+    assert again.held == 0
+    held_rows = await conn.fetchval("SELECT count(*) FROM gardener_decisions WHERE NOT applied")
+    assert held_rows == report.held
+    assert await conn.fetchval(
+        "SELECT count(*) FROM igla_race_trials WHERE desired_state <> 'running'"
+    ) == 0
+    await control.set_paused(conn, False, "resumed", "pytest")
+    resumed = await t.tick()
+    assert not state.paused and resumed.stopped
+    assert len(resumed.stopped) == report.held
+
+
+async def test_a_stalled_trial_fires_one_tripwire(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    names = await make_race(conn, "r-stall", 3, first_exp=900)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 15, seed=i))
+    await conn.execute(
+        "UPDATE igla_race_trials SET observed_state = 'running', "
+        "last_sample_at = now() - interval '2 hours'"
+    )
+    await conn.execute(
+        "UPDATE bpb_samples SET ts = now() - interval '2 hours'"
+    )
+    await conn.execute(
+        "UPDATE igla_race_trials SET last_sample_at = now() WHERE canon_name = $1", names[0]
+    )
+    t = ticker(pool, stall_after=600.0)
+    report = await t.tick()
+    assert report.tripwires == 2
+    kinds = await conn.fetch("SELECT kind, canon_name FROM tripwire_events ORDER BY canon_name")
+    assert [(k["kind"], k["canon_name"]) for k in kinds] == [
+        ("stalled", n) for n in sorted(names[1:])
+    ]
+    assert (await t.tick()).tripwires == 0
+
+
+async def test_a_race_whose_trials_all_ended_is_done_and_torn_down(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    names = await make_race(conn, "r-done", 3, first_exp=950, config={"auto_teardown": True})
+    await conn.execute("UPDATE igla_race_trials SET observed_state = 'running'")
+    t = ticker(pool)
+    assert (await t.tick()).finished == []
+    await conn.execute("UPDATE igla_race_trials SET observed_state = 'succeeded'")
+    await trials.kill(conn, names[0], "acc1", by="pytest")
+    await conn.execute(
+        "UPDATE igla_race_trials SET observed_state = 'stopped' WHERE canon_name = $1", names[0]
+    )
+    await control.set_paused(conn, True, "hold on", "pytest")
+    assert (await t.tick()).finished == []  # no teardown while paused
+    await control.set_paused(conn, False, "go", "pytest")
+    report = await t.tick()
+    assert report.finished == ["r-done"]
+    race = await conn.fetchrow("SELECT status, finished_at FROM races WHERE name = 'r-done'")
+    assert race["status"] == "done" and race["finished_at"] is not None
+    assert {r["desired_state"] for r in await conn.fetch("SELECT desired_state FROM "
+                                                         "igla_race_trials")} == {"removed"}
+    assert ("r-done", -1, "race_done") in await applied(conn, "r-done")
+    assert (await t.tick()).finished == []
+
+
+@pytest.fixture
+async def writer(pool: asyncpg.Pool) -> AsyncIterator[SampleWriter]:
+    async with SampleWriter(pool) as w:
+        yield w
+
+
+async def test_reconciler_drives_the_backend_and_writes_back_what_it_sees(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, writer: SampleWriter
+) -> None:
+    names = await make_race(conn, "r-rec", 3, first_exp=1000)
+    backend = MemoryBackend("acc1")
+    state = LoopState(stop=anyio.Event())
+    rec = Reconciler(pool, Settings(), state, {"acc1": backend}, writer)
+    await rec.pass_once()
+    assert sorted(backend.services) == sorted(names)
+    spec = backend.specs[names[1]]
+    assert spec.variables["TRAIN_CANON_NAME"] == names[1]
+    assert spec.variables["TRAIN_SEED"] == names[1].rsplit("seed", 1)[1]
+    assert spec.variables["TRAIN_STEPS"] == "320"
+    await rec.pass_once()
+    rows = await conn.fetch("SELECT observed_state, service_id, observed_at FROM igla_race_trials")
+    assert {r["observed_state"] for r in rows} == {"running"}
+    assert all(r["service_id"] and r["observed_at"] for r in rows)
+
+    # Logs: the trainer's lines reach bpb_samples through the ingest writer.
+    backend.output[names[0]] = ["step=10 BPB=2.5000", "step=20 BPB=2.4000", "noise"]
+    assert await rec.pump_once() == 3
+    assert await rec.pump_once() == 0  # the cursor moved on
+    got = await conn.fetch(
+        "SELECT step, bpb FROM bpb_samples WHERE canon_name = $1 ORDER BY step", names[0]
+    )
+    assert [(r["step"], r["bpb"]) for r in got] == [(10, 2.5), (20, 2.4)]
+
+    # Paused: a kill changes the desired state, the backend sees no stop until resume.
+    await control.set_paused(conn, True, "hold", "pytest")
+    state.paused = True
+    await trials.kill(conn, names[2], "acc1", by="pytest")
+    backend.calls.clear()
+    assert (await rec.pass_once()) == {"acc1": None}
+    assert backend.calls == []
+    state.paused = False
+    await rec.pass_once()
+    assert backend.calls == [("stop", names[2])]
+    await rec.pass_once()
+    assert await conn.fetchval(
+        "SELECT observed_state FROM igla_race_trials WHERE canon_name = $1", names[2]
+    ) == "stopped"
