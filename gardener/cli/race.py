@@ -116,7 +116,7 @@ def smoke_race_cmd(
     })
     observe = _observer(s, cfg.backend, cfg.account)
     live = _LiveTable() if sys.stderr.isatty() and not as_json else None
-    log = smoke.log
+    log = smoke.log()
     last = [0.0]
 
     def on_progress(p: smoke.Progress) -> None:

@@ -156,7 +156,7 @@ def plot_fits(
         axes[k // columns][k % columns].axis("off")
     fig.suptitle(title + " (band: 95% prediction interval)", fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out, predictions

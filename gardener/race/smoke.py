@@ -11,6 +11,7 @@ SMOKE_DONE only if all are GREEN, and write the report.
 from __future__ import annotations
 
 import re
+import resource
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,7 +34,12 @@ from gardener.settings import Settings
 from gardener.trainer import spec as trainer_spec
 
 Q = Queries("race.sql")
-log = logs.get_logger("gardener.smoke")
+
+
+def log() -> Any:
+    """The smoke race's logger, looked up when used (after the CLI configured logging)."""
+    return logs.get_logger("gardener.smoke")
+
 
 TERMINAL_OBSERVED = frozenset({"succeeded", "failed", "stopped", "removed"})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
@@ -78,6 +84,7 @@ class SmokeConfig:
     report: str | None = "docs/SMOKE_GATE_0_REPORT.md"
     corpus: str = "stdlib"
     rungs: tuple[int, ...] = (100, 500)
+    decision: Mapping[str, Any] = field(default_factory=dict)
     criteria: crit.CriteriaConfig = field(default_factory=crit.CriteriaConfig)
     source: str = ""
 
@@ -150,6 +157,11 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> SmokeConfig:
             canon_mod.parse(f"{specs[spec].canon}-seed{specs[spec].seed_base}")
         except UserError as exc:
             raise ConfigError(f"{where}: tag {spec!r}: {exc}") from None
+    from gardener.core.config import DecisionConfig
+
+    bad_decision = set(dict(raw.get("decision", {}))) - set(DecisionConfig.__dataclass_fields__)
+    if bad_decision:
+        raise ConfigError(f"{where}: unknown [decision] keys {sorted(bad_decision)}")
     known = {f.name for f in crit.CriteriaConfig.__dataclass_fields__.values()}
     c_raw = dict(raw.get("criteria", {}))
     bad = set(c_raw) - known
@@ -169,6 +181,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> SmokeConfig:
             report=race.get("report"),
             corpus=str(race.get("corpus", "stdlib")),
             rungs=tuple(int(r) for r in race.get("rungs", (100, 500))),
+            decision=dict(raw.get("decision", {})),
             criteria=crit.CriteriaConfig(**c_raw),
             source=where,
         )
@@ -239,6 +252,7 @@ async def admit_race(
             "seeds_per_tag": cfg.seeds_per_tag,
             "max_steps": cfg.max_steps,
             "rungs": list(cfg.rungs),
+            "decision": dict(cfg.decision),
             "corpus": cfg.corpus,
             "corpus_sha256": corpus_sha256,
             "backend": cfg.backend,
@@ -355,7 +369,7 @@ async def run_smoke(
         race = name or race_name(cfg.name_prefix, now())
         planned = await admit_race(conn, cfg, race, corpus_sha256=corpus_sha)
         timings["admitted_s"] = clock() - t0
-        log.info("smoke_admitted", race=race, trials=len(planned),
+        log().info("smoke_admitted", race=race, trials=len(planned),
                  seeds=sorted(p.canon.seed for p in planned))
         ctx = crit.RaceContext(
             race=race, account=cfg.account, expected_names=tuple(p.name for p in planned),
@@ -400,13 +414,13 @@ async def run_smoke(
                     break
                 if clock() >= deadline:
                     timings["trained_s"] = clock() - t0
-                    log.warning("smoke_wallclock_exceeded", race=race, wallclock_s=cfg.wallclock_s)
+                    log().warning("smoke_wallclock_exceeded", race=race, wallclock_s=cfg.wallclock_s)
                     break
                 await anyio.sleep(poll_s)
             if cfg.auto_teardown:
                 phase[0] = "teardown"
                 stopped = await conn.fetch(Q.stop_race_trials, race, "stopped")
-                log.info("smoke_teardown", race=race, stopping=len(stopped))
+                log().info("smoke_teardown", race=race, stopping=len(stopped))
                 await _wait_gone(conn, ctx, observe, clock, cfg.criteria.teardown_timeout_s,
                                  poll_s, on_progress, t0)
                 timings["torn_down_s"] = clock() - t0
@@ -426,9 +440,12 @@ async def run_smoke(
         if write_report and cfg.report:
             from gardener.race import report as report_mod
 
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            extra = {"gardener process peak RSS": f"{peak:.0f} MB (the worker loop, probes "
+                     "and this command; trainers are separate processes)"}
             result.report = await report_mod.write_report(
-                conn, race, Path(cfg.report), criteria=results, timings=timings)
-        log.info("smoke_finished", race=race, smoke_done=result.smoke_done,
+                conn, race, Path(cfg.report), criteria=results, timings=timings, extra=extra)
+        log().info("smoke_finished", race=race, smoke_done=result.smoke_done,
                  red=[c.number for c in results if not c.green], **timings)
         return result
     finally:
@@ -466,4 +483,4 @@ async def _wait_gone(
         if not procs and not active:
             return
         await anyio.sleep(poll_s)
-    log.warning("smoke_teardown_timeout", race=ctx.race, timeout_s=limit_s)
+    log().warning("smoke_teardown_timeout", race=ctx.race, timeout_s=limit_s)

@@ -103,7 +103,7 @@ FROM igla_race_trials WHERE canon_name = $1
 -- name: running_trial_of_race
 SELECT canon_name, seed, desired_state, observed_state FROM igla_race_trials
 WHERE race = $1 AND desired_state = 'running'
-ORDER BY canon_name LIMIT 1
+ORDER BY observed_state = 'running' DESC, canon_name LIMIT 1
 
 -- name: exp_ids_claimed
 SELECT exp_id, account, claimed_by FROM exp_ids WHERE exp_id = ANY($1::int[]) ORDER BY exp_id
