@@ -414,7 +414,8 @@ async def run_smoke(
                     break
                 if clock() >= deadline:
                     timings["trained_s"] = clock() - t0
-                    log().warning("smoke_wallclock_exceeded", race=race, wallclock_s=cfg.wallclock_s)
+                    log().warning("smoke_wallclock_exceeded", race=race,
+                                  wallclock_s=cfg.wallclock_s)
                     break
                 await anyio.sleep(poll_s)
             if cfg.auto_teardown:
