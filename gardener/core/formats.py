@@ -96,37 +96,53 @@ def round_to(x: npt.ArrayLike, fmt: str | NumberFormat) -> FloatArray:
 
 
 def _round_f32(x: npt.NDArray[np.float32], fmt: NumberFormat) -> npt.NDArray[np.float32]:
-    """The same rounding on float32 bits, several times faster (the trainer's hot path).
+    """The same rounding on float32 bit patterns, many times faster (the trainer's hot path).
 
     Normal range: add half a quantum minus one plus the kept LSB to the bit pattern and mask
     (ties to even, carries into the exponent as they should). Below the format's smallest
     normal, adding and subtracting 1.5 * 2^(min_exponent - mantissa_bits + 23) rounds to the
-    fixed subnormal quantum in float32 arithmetic, ties to even.
+    fixed subnormal quantum in float32 arithmetic, ties to even. Overflow and NaN are rare:
+    one max() over the magnitudes decides whether they need handling at all.
     """
     shift = 23 - fmt.mantissa_bits
-    bits = x.view(np.uint32)
-    rounded = bits + np.uint32((1 << (shift - 1)) - 1) + ((bits >> np.uint32(shift)) & np.uint32(1))
-    rounded &= np.uint32(~((1 << shift) - 1) & 0xFFFFFFFF)
-    y = rounded.view(np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        mag = np.abs(x)
-        if fmt.subnormals:
+    bits = np.ascontiguousarray(x).view(np.uint32)
+    mag = bits & np.uint32(0x7FFFFFFF)
+    r = bits >> np.uint32(shift)
+    r &= np.uint32(1)
+    r += np.uint32((1 << (shift - 1)) - 1)
+    r += bits  # wraps only for NaN patterns, which are replaced below
+    r &= np.uint32(~((1 << shift) - 1) & 0xFFFFFFFF)
+    tiny = mag < _bits_of(fmt.min_normal)
+    # all-ones where tiny: branch-free blends are several times faster than np.where here
+    mask = np.uint32(0) - tiny.astype(np.uint32)
+    if fmt.subnormals:
+        if tiny.any():
             magic = np.float32(1.5 * math.ldexp(1.0, fmt.min_exponent - fmt.mantissa_bits + 23))
-            tiny = mag < np.float32(fmt.min_normal)
-            if tiny.any():
-                y = np.where(tiny, (x + magic) - magic, y)
-                y = np.where(tiny & (y == 0), np.copysign(np.float32(0), x), y)
+            with np.errstate(invalid="ignore", over="ignore"):
+                sub = np.abs(x) + magic
+                sub -= magic
+            alt = sub.view(np.uint32) | (bits & np.uint32(0x80000000))
+            alt ^= r
+            alt &= mask
+            r ^= alt
+    else:
+        mask = ~mask
+        mask |= np.uint32(0x80000000)
+        r &= mask  # flush to zero, keeping the sign
+    max_bits = _bits_of(fmt.max_finite)
+    if mag.size and max(int(mag.max()), int((r & np.uint32(0x7FFFFFFF)).max())) > max_bits:
+        nan_in = mag > np.uint32(0x7F800000)
+        over = ((r & np.uint32(0x7FFFFFFF)) > max_bits) & ~nan_in  # includes inf input
+        if fmt.overflow == "nan":
+            r[over | nan_in] = np.uint32(0x7FC00000)
         else:
-            y = np.where(mag < np.float32(fmt.min_normal), np.copysign(np.float32(0), x), y)
-        nan_in = np.isnan(x)  # a NaN's pattern may carry into the sign bit: decide from x
-        bad = ~(np.abs(y) <= np.float32(fmt.max_finite)) | nan_in  # overflow, inf and NaN
-        if bad.any():
-            if fmt.overflow == "nan":
-                y = np.where(bad, np.float32(np.nan), y)
-            else:
-                y = np.where(bad, np.copysign(np.float32(np.inf), x), y)
-                y = np.where(nan_in, np.float32(np.nan), y)
-    return y.astype(np.float32, copy=False)
+            r[over] = (bits[over] & np.uint32(0x80000000)) | np.uint32(0x7F800000)
+            r[nan_in] = np.uint32(0x7FC00000)
+    return r.view(np.float32)
+
+
+def _bits_of(value: float) -> np.uint32:
+    return np.array(value, dtype=np.float32).view(np.uint32)[()]
 
 
 def gf16_encode(x: npt.ArrayLike) -> npt.NDArray[np.uint16]:

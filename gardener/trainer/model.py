@@ -169,7 +169,11 @@ def loss_and_grads(arch: Arch, p: Params, ctx: npt.NDArray[np.intp],
 
 
 def _scatter_rows(rows: npt.NDArray[np.intp], values: Any) -> F32:
-    """Sum ``values`` into a (256, width) table by row index (embedding and bigram grads)."""
-    out = np.zeros((VOCAB, values.shape[1]), values.dtype)
-    np.add.at(out, rows, values)
+    """Sum ``values`` into a (256, width) table by row index (embedding and bigram grads).
+
+    A one-hot matrix product: much faster than ``np.add.at`` at these sizes.
+    """
+    onehot = np.zeros((VOCAB, rows.size), values.dtype)
+    onehot[rows, np.arange(rows.size)] = 1.0
+    out: F32 = onehot @ values
     return out
