@@ -191,7 +191,8 @@ class Ticker:
                     log.exception("race_decide_failed", race=name, account=race.account)
                     self._soft.add(name)
             if not paused and not self._stopping():
-                await self._finish_races(conn, races, report)
+                # A race still waiting for a decide is not finished yet, whatever its trials do.
+                await self._finish_races(conn, races, high, set(self._soft), report)
         report.seconds = time.perf_counter() - started
         metrics.TICK_SECONDS.observe(report.seconds)
         if self.state is not None:
@@ -287,12 +288,18 @@ class Ticker:
         )
 
     async def _finish_races(
-        self, conn: asyncpg.Connection, races: dict[str, RaceInfo], report: TickReport
+        self,
+        conn: asyncpg.Connection,
+        races: dict[str, RaceInfo],
+        watermark: int,
+        waiting: set[str],
+        report: TickReport,
     ) -> None:
-        """Mark done every running race whose trials all ended; tear down if asked."""
-        for row in await conn.fetch(Q.finished_races):
+        """Mark done every running race whose trials all ended and whose every sample was
+        decided on; tear down if asked."""
+        for row in await conn.fetch(Q.finished_races, watermark):
             race = races.get(row["name"])
-            if race is None:
+            if race is None or race.name in waiting:
                 continue
             with anyio.CancelScope(shield=True):
                 async with conn.transaction():

@@ -115,11 +115,15 @@ RETURNING id
 
 -- name: finished_races
 -- Running races whose every trial has ended: finished (succeeded or failed), or asked to stop
--- and no longer running (or never started).
+-- and no longer running (or never started); and with no sample above the watermark $1, which
+-- the loop has not decided on yet.
 SELECT r.name, r.account, r.config
 FROM races r
 WHERE r.status = 'running' AND r.kind <> 'backtest'
   AND EXISTS (SELECT 1 FROM igla_race_trials t WHERE t.race = r.name)
+  AND NOT EXISTS (
+      SELECT 1 FROM bpb_samples s JOIN igla_race_trials t ON t.canon_name = s.canon_name
+      WHERE t.race = r.name AND s.id > $1)
   AND NOT EXISTS (
       SELECT 1 FROM igla_race_trials t
       WHERE t.race = r.name
