@@ -142,7 +142,7 @@ def _round_f32(x: npt.NDArray[np.float32], fmt: NumberFormat) -> npt.NDArray[np.
 
 
 def _bits_of(value: float) -> np.uint32:
-    return np.array(value, dtype=np.float32).view(np.uint32)[()]
+    return np.uint32(int(np.array([value], dtype=np.float32).view(np.uint32)[0]))
 
 
 def gf16_encode(x: npt.ArrayLike) -> npt.NDArray[np.uint16]:
