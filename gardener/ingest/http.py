@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any
 
 import asyncpg
+import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -31,13 +32,12 @@ from starlette.routing import Route
 from gardener.errors import ConfigError
 from gardener.ingest import parse as P
 from gardener.ingest.writer import SampleWriter, SubmitResult, WriterClosed
-from gardener.logs import get_logger
 from gardener.settings import Settings
 
 MAX_ITEMS = 10_000
 MAX_BODY = 8 * 1024 * 1024
 SOURCE = "http"
-log = get_logger("gardener.ingest.http")
+log = structlog.get_logger("gardener.ingest.http")
 
 
 class _BadRequest(Exception):

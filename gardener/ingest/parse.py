@@ -18,9 +18,10 @@ rest is for a person.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,8 +64,12 @@ class Sample:
 
     step: int
     bpb: float
-    raw: str
+    raw: str  # the line; "" for a posted sample, whose JSON is made only if it is quarantined
     ts: datetime | None = None
+    item: Any = field(default=None, compare=False, repr=False)  # the posted object
+
+    def raw_text(self) -> str:
+        return self.raw if self.raw or self.item is None else _raw_json(self.item)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,47 +225,50 @@ def parse_structured(item: Any) -> tuple[str | None, Sample | Rejected]:
     [0, 10), and at most four decimals; it is stored rounded to four decimals.
     ``ts`` is optional: ISO 8601 (a naive time is UTC) or seconds since the epoch.
     """
-    raw = _raw_json(item)
+
+    def bad(code: str, detail: str) -> Rejected:
+        return reject(_raw_json(item), code, detail)
+
     if not isinstance(item, dict):
-        return None, reject(raw, BAD_ITEM, "a sample must be a JSON object")
+        return None, bad(BAD_ITEM, "a sample must be a JSON object")
     name = item.get("canon_name")
     if not isinstance(name, str) or not name:
-        return None, reject(raw, BAD_ITEM, "canon_name must be a non-empty string")
+        return None, bad(BAD_ITEM, "canon_name must be a non-empty string")
     extra = set(item) - {"canon_name", "step", "bpb", "ts"}
     if extra:
-        return name, reject(raw, BAD_ITEM, f"unknown fields {sorted(extra)}")
+        return name, bad(BAD_ITEM, f"unknown fields {sorted(extra)}")
     step = item.get("step")
     if isinstance(step, bool) or not isinstance(step, int):
-        return name, reject(raw, STEP_FORMAT, f"step must be an integer, got {_short(step)}")
+        return name, bad(STEP_FORMAT, f"step must be an integer, got {_short(step)}")
     value = item.get("bpb")
     bpb: float
     if isinstance(value, str):
         if L_R8.fullmatch(value) is None:
-            return name, reject(raw, BPB_FORMAT, f"BPB={value[:40]} does not match L-R8")
+            return name, bad(BPB_FORMAT, f"BPB={value[:40]} does not match L-R8")
         bpb = float(value)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         bpb = float(value)
         if math.isfinite(bpb) and bpb >= 0:
             if bpb >= MAX_BPB:
-                return name, reject(raw, BPB_RANGE, f"BPB {bpb} not below {MAX_BPB:g} (L-R8)")
+                return name, bad(BPB_RANGE, f"BPB {bpb} not below {MAX_BPB:g} (L-R8)")
             scaled = bpb * 10_000
             if abs(scaled - round(scaled)) > 1e-6 * max(1.0, scaled):
-                return name, reject(raw, BPB_PRECISION, f"BPB {bpb!r} has more than 4 decimals")
+                return name, bad(BPB_PRECISION, f"BPB {bpb!r} has more than 4 decimals")
             bpb = round(bpb, 4)
     else:
-        return name, reject(raw, BPB_FORMAT, f"bpb must be a number or string, got {_short(value)}")
-    bad = _value_reason(raw, step, bpb)
-    if bad is not None:
-        return name, bad
+        return name, bad(BPB_FORMAT, f"bpb must be a number or string, got {_short(value)}")
+    why = check_sample(step, bpb)
+    if why is not None:
+        return name, bad(STEP_VALUE if "step" in why else BPB_VALUE, why)
     if step > MAX_STEP:
-        return name, reject(raw, STEP_RANGE, f"step {step} above {MAX_STEP}")
+        return name, bad(STEP_RANGE, f"step {step} above {MAX_STEP}")
     ts_value = item.get("ts")
     ts: datetime | None = None
     if ts_value is not None:
         ts = _parse_ts(ts_value)
         if ts is None:
-            return name, reject(raw, TS_FORMAT, f"ts {_short(ts_value)} is not ISO 8601 or epoch")
-    return name, Sample(step, bpb, raw, ts)
+            return name, bad(TS_FORMAT, f"ts {_short(ts_value)} is not ISO 8601 or epoch")
+    return name, Sample(step, bpb, "", ts, item)
 
 
 def _parse_ts(value: Any) -> datetime | None:
@@ -285,8 +293,6 @@ def _short(value: Any) -> str:
 
 
 def _raw_json(item: Any) -> str:
-    import json
-
     try:
         return json.dumps(item, sort_keys=True, allow_nan=True, default=str)
     except (TypeError, ValueError):

@@ -30,15 +30,15 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
+import structlog
 
 from gardener.ingest import metrics
 from gardener.ingest import parse as P
 from gardener.ledger.queries import Queries
-from gardener.logs import get_logger
 
 Q = Queries("ingest.sql")
 CHANNEL = "gardener_samples"
-log = get_logger("gardener.ingest")
+log = structlog.get_logger("gardener.ingest")  # lazy: honours logs.configure() made later
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
@@ -109,9 +109,9 @@ class _Batch:
     sources: list[str] = field(default_factory=list)
     accounts: list[str | None] = field(default_factory=list)
     where: list[tuple[int, int]] = field(default_factory=list)  # (job, item) per sample row
-    raws: list[str] = field(default_factory=list)
-    # in-batch repeats of a (name, step): (job, item, first row, bpb, raw, source, account)
-    repeats: list[tuple[int, int, int, float, str, str, str | None]] = field(default_factory=list)
+    samples: list[P.Sample] = field(default_factory=list)
+    # in-batch repeats of a (name, step): (job, item, first row, sample, source, account)
+    repeats: list[tuple[int, int, int, P.Sample, str, str | None]] = field(default_factory=list)
     quarantine: list[tuple[str, str | None, str | None, str, str]] = field(default_factory=list)
     corpus: dict[str, tuple[str, str]] = field(default_factory=dict)
     rejected_codes: Counter[str] = field(default_factory=Counter)
@@ -381,7 +381,7 @@ class SampleWriter:
                         source,
                         owner,
                         name,
-                        item.raw,
+                        _raw_of(item),
                         P.UNKNOWN_TRIAL,
                         f"{P.UNKNOWN_TRIAL}: no trial {name!r} in the ledger",
                     )
@@ -393,7 +393,7 @@ class SampleWriter:
                         source,
                         owner,
                         name,
-                        item.raw,
+                        _raw_of(item),
                         P.CROSS_ACCOUNT,
                         f"{P.CROSS_ACCOUNT}: {name} belongs to {trial[1]}, not {account}",
                     )
@@ -406,7 +406,7 @@ class SampleWriter:
                 key = (name, item.step)
                 row = first.get(key)
                 if row is not None:
-                    batch.repeats.append((j, i, row, item.bpb, item.raw, source, owner))
+                    batch.repeats.append((j, i, row, item, source, owner))
                     continue
                 first[key] = len(batch.names)
                 batch.names.append(name)
@@ -416,7 +416,7 @@ class SampleWriter:
                 batch.tss.append(item.ts)
                 batch.sources.append(source)
                 batch.accounts.append(owner)
-                batch.raws.append(item.raw)
+                batch.samples.append(item)
                 batch.where.append((j, i))
         return batch
 
@@ -466,12 +466,12 @@ class SampleWriter:
                         batch.sources[k],
                         batch.accounts[k],
                         batch.names[k],
-                        batch.raws[k],
+                        batch.samples[k].raw_text(),
                         P.STEP_CONFLICT,
                         _conflict(batch.steps[k], old, batch.bpbs[k]),
                     )
-        for j, i, row, bpb, raw, source, owner in batch.repeats:
-            if kept[row] == bpb:
+        for j, i, row, sample, source, owner in batch.repeats:
+            if kept[row] == sample.bpb:
                 batch.results[j][i] = R_DUPLICATE
             else:
                 batch.reject(
@@ -480,9 +480,9 @@ class SampleWriter:
                     source,
                     owner,
                     batch.names[row],
-                    raw,
+                    sample.raw_text(),
                     P.STEP_CONFLICT,
-                    _conflict(batch.steps[row], kept[row], bpb),
+                    _conflict(batch.steps[row], kept[row], sample.bpb),
                 )
         return list(inserted)
 
@@ -492,6 +492,10 @@ def _conflict(step: int, kept: float, new: float) -> str:
         f"{P.STEP_CONFLICT}: step {step} already has BPB={kept:.4f}; "
         f"BPB={new:.4f} not stored (the first value is kept)"
     )
+
+
+def _raw_of(item: P.Sample | P.CorpusReport) -> str:
+    return item.raw_text() if isinstance(item, P.Sample) else item.raw
 
 
 def _storable(name: str) -> bool:

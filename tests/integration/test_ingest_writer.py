@@ -210,7 +210,7 @@ async def test_unknown_trials_and_other_accounts_are_refused(
             "http",
             "acc1",
             T3,
-            theirs.raw,
+            '{"bpb": 2.5, "canon_name": "' + T3 + '", "step": 5}',
             f"cross_account: {T3} belongs to acc2, not acc1",
         ),
     ]

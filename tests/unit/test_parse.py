@@ -243,13 +243,11 @@ def test_bad_structured_samples_are_rejected(item: object, code: str) -> None:
 
 
 def test_structured_samples_round_to_four_decimals_and_take_a_time() -> None:
-    name, s = P.parse_structured({"canon_name": "X", "step": 7, "bpb": 2.345, "ts": 0})
-    assert name == "X" and s == P.Sample(
-        7,
-        2.345,
-        '{"bpb": 2.345, "canon_name": "X", "step": 7, "ts": 0}',
-        datetime(1970, 1, 1, tzinfo=UTC),
-    )
+    item = {"canon_name": "X", "step": 7, "bpb": 2.345, "ts": 0}
+    name, s = P.parse_structured(item)
+    assert name == "X" and s == P.Sample(7, 2.345, "", datetime(1970, 1, 1, tzinfo=UTC))
+    assert isinstance(s, P.Sample) and s.item is item
+    assert s.raw_text() == '{"bpb": 2.345, "canon_name": "X", "step": 7, "ts": 0}'
     _, s = P.parse_structured({"canon_name": "X", "step": 7, "bpb": "2.3450"})
     assert isinstance(s, P.Sample) and s.bpb == 2.345
     _, s = P.parse_structured({"canon_name": "X", "step": 7, "bpb": 2, "ts": "2026-01-01T00:00:00"})
