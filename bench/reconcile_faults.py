@@ -54,7 +54,7 @@ async def run(fake: FakeRailway, rate: float, seed: int, sleep_scale: float) -> 
         await asyncio.sleep(delay * sleep_scale)
 
     client = RailwayClient(
-        token, base_url=fake.url, timeout=0.25, budget=RequestBudget(100_000),
+        token, base_url=fake.url, timeout=0.25, budget=RequestBudget(100_000, per_second=None),
         sleep=scaled_sleep, rng=random.Random(seed), backoff_base=0.05, backoff_max=0.5,
     )
     backend = RailwayBackend(

@@ -31,7 +31,7 @@ def make_backend(
     *,
     account: str = "acc1",
     budget_per_hour: int = 100_000,
-    timeout: float = 0.25,
+    timeout: float = 0.5,
     deploy_grace: float = 0.5,
     **client_kw: object,
 ) -> RailwayBackend:
@@ -43,8 +43,9 @@ def make_backend(
         await asyncio.sleep(0)
 
     client = RailwayClient(
-        token, base_url=fake.url, timeout=timeout, budget=RequestBudget(budget_per_hour),
-        sleep=fast_sleep, rng=random.Random(0), label="railway-test", **client_kw,
+        token, base_url=fake.url, timeout=timeout,
+        budget=RequestBudget(budget_per_hour, per_second=None), sleep=fast_sleep,
+        rng=random.Random(0), label="railway-test", **client_kw,
     )
     client.sleeps = sleeps
     return RailwayBackend(

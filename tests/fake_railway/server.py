@@ -223,6 +223,7 @@ class FakeRailway:
 
     # ---- the server ----------------------------------------------------------------------
     def start(self) -> str:
+        load_schema()  # built before the first request, which must not outlast a client timeout
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))

@@ -29,7 +29,7 @@ _tokens = itertools.count()
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeRailway]:
-    with FakeRailway(timeout_sleep=0.4, retry_after=3) as server:
+    with FakeRailway(timeout_sleep=0.7, retry_after=3) as server:
         yield server
 
 
@@ -44,7 +44,7 @@ class Env:
             self.sleeps.append(delay)
             await asyncio.sleep(0)
 
-        kw.setdefault("timeout", 0.2)
+        kw.setdefault("timeout", 0.5)
         kw.setdefault("sleep", sleep)
         kw.setdefault("rng", random.Random(1))
         return RailwayClient(self.token, base_url=kw.pop("url"), label="railway-client-test", **kw)
@@ -222,3 +222,33 @@ async def test_the_token_never_reaches_the_logs(fake: FakeRailway, env: Env) -> 
     assert logs, "the give-up is logged"
     assert env.token not in repr(logs)
     await client.aclose()
+
+
+async def test_the_per_second_rate_is_kept(fake: FakeRailway, env: Env) -> None:
+    now = [0.0]
+    budget = RequestBudget(1000, per_second=2, clock=lambda: now[0])
+
+    async def sleep(delay: float) -> None:
+        env.sleeps.append(delay)
+        now[0] += delay
+
+    client = env.client(url=fake.url, budget=budget, sleep=sleep)
+    for _ in range(5):
+        await client.execute("ListServices", list_vars(env))
+    assert env.sleeps == [1.0, 1.0]  # requests 3 and 5 waited for the window to move on
+    await client.aclose()
+
+
+async def test_make_backend_builds_a_working_railway_backend(fake: FakeRailway, env: Env) -> None:
+    from gardener.backends import make_backend
+    from gardener.errors import ConfigError
+
+    backend = make_backend("railway", "acc1", railway_token=env.token, project_id=env.project_id,
+                           environment_id=env.environment_id, base_url=fake.url, timeout=1.0)
+    assert backend.kind == "railway" and backend.account == "acc1"
+    assert await backend.observe() == []
+    await backend.aclose()
+    with pytest.raises(ConfigError, match="railway_token"):
+        make_backend("railway", "acc1", project_id="p", environment_id="e")
+    with pytest.raises(ConfigError, match="unknown backend"):
+        make_backend("k8s", "acc1")

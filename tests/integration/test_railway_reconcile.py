@@ -30,7 +30,7 @@ _n = itertools.count()
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeRailway]:
-    with FakeRailway(step_seconds=0.005, visibility_delay=0.02, timeout_sleep=0.4) as server:
+    with FakeRailway(step_seconds=0.005, visibility_delay=0.02, timeout_sleep=0.7) as server:
         yield server
 
 

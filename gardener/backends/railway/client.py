@@ -48,14 +48,17 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 class RequestBudget:
-    """At most ``per_hour`` requests in any sliding window of ``window`` seconds."""
+    """At most ``per_hour`` requests in any sliding window of ``window`` seconds, and at most
+    ``per_second`` in any second (Hobby: 1000/h and 10/s)."""
 
     def __init__(
-        self, per_hour: int = 1000, *, window: float = 3600.0, clock: Clock = time.monotonic
+        self, per_hour: int = 1000, *, per_second: int | None = 10, window: float = 3600.0,
+        clock: Clock = time.monotonic,
     ) -> None:
-        if per_hour < 1:
+        if per_hour < 1 or (per_second is not None and per_second < 1):
             raise ValueError("a request budget needs at least one request per window")
         self.per_hour = per_hour
+        self.per_second = per_second
         self.window = window
         self._clock = clock
         self._sent: deque[float] = deque()
@@ -72,6 +75,14 @@ class RequestBudget:
             return self._sent[0] + self.window - now
         self._sent.append(now)
         return None
+
+    def second_wait(self) -> float:
+        """Seconds to wait before the next request keeps the per-second rate (0: go now)."""
+        if self.per_second is None or len(self._sent) < self.per_second:
+            return 0.0
+        now = self._clock()
+        oldest = self._sent[-self.per_second]
+        return max(0.0, oldest + 1.0 - now)
 
     @property
     def remaining(self) -> int:
@@ -202,6 +213,9 @@ class RailwayClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(self, operation: str, body: dict[str, Any]) -> Any:
+        pause = self.budget.second_wait()
+        if pause > 0:
+            await self._sleep(pause)
         wait = self.budget.try_acquire()
         if wait is not None:
             log.warning("railway_budget_exhausted", operation=operation, retry_after=wait)
