@@ -124,6 +124,7 @@ class LocalBackend:
     """Trials as local subprocesses; see the module docstring."""
 
     kind = "local"
+    service_name_of = staticmethod(service_name)
 
     def __init__(
         self,

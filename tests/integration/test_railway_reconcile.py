@@ -400,3 +400,47 @@ async def test_twenty_percent_faults_converge_without_duplicates(project: Projec
     assert sorted(counts) == sorted(d.canon_name for d in desired) and set(counts.values()) == {1}
     assert sum(fake.faults_injected.values()) > 0
     await backend.aclose()
+
+
+async def test_trainer_services_from_templates(project: Project) -> None:
+    """railway.toml template + TRAIN_* variables + marker, reconciled onto the fake."""
+    from gardener.backends.railway.templates import load_templates, parse_templates, trainer_spec
+    from gardener.core.canon import parse
+    from gardener.errors import ConfigError
+    from gardener.trainer.spec import load_models_config, trainer_variables
+
+    shipped = load_templates()  # the repository's configs/railway.toml parses
+    assert shipped.default.start_command == "python -m gardener.trainer"
+    templates = parse_templates({
+        "defaults": {"image": "ghcr.io/example/gardener:1", "variables": {"PYTHONUNBUFFERED": "1"}},
+        "models": {"PHI": {"max_retries": 5, "restart_policy": "NEVER"}},
+    })
+    models = load_models_config()
+    canons = ["IGLA-HYBRID-FP32-WSD-SMOKE-seed500", "IGLA-PHI-GF16-h512-SMOKE-seed501"]
+    specs = [
+        trainer_spec(c, "acc1", trainer_variables(parse(c), steps=500, corpus="stdlib",
+                                                  models=models), templates, race="smoke")
+        for c in canons
+    ]
+    backend = project.backend()
+    await converge(specs, backend)
+    hybrid = project.fake.service_by_name(service_name(canons[0]), project.ids[0])
+    phi = project.fake.service_by_name(service_name(canons[1]), project.ids[0])
+    assert hybrid is not None and phi is not None
+    assert hybrid.variables["TRAIN_CANON_NAME"] == canons[0]
+    assert hybrid.variables["TRAIN_STEPS"] == "500" and hybrid.variables["PYTHONUNBUFFERED"] == "1"
+    assert hybrid.variables["GARDENER_RACE"] == "smoke"
+    assert hybrid.source == {"image": "ghcr.io/example/gardener:1"}
+    assert hybrid.settings["restartPolicyMaxRetries"] == 2
+    assert phi.settings["restartPolicyType"] == "NEVER"
+    assert phi.settings["restartPolicyMaxRetries"] == 5
+    with pytest.raises(ConfigError, match="restart_policy"):
+        parse_templates({"defaults": {"restart_policy": "SOMETIMES"}})
+    http = parse_templates({"defaults": {"image": "x", "ingest": "http", "ingest_url": "https://g/v1"}})
+    spec = trainer_spec(canons[0], "acc1", {}, http,
+                        environ={"GARDENER_INGEST_TOKEN_ACC1": "ingest-secret"})
+    assert spec.variables["GARDENER_INGEST_URL"] == "https://g/v1"
+    assert spec.variables["GARDENER_INGEST_TOKEN"] == "ingest-secret"
+    with pytest.raises(ConfigError, match="GARDENER_INGEST_TOKEN_ACC1"):
+        trainer_spec(canons[0], "acc1", {}, http, environ={})
+    await backend.aclose()
