@@ -18,7 +18,6 @@ from gardener.errors import UserError
 from gardener.ledger import db
 from gardener.race import criteria as crit
 from gardener.race import leaderboard as lb
-from gardener.race import report as report_mod
 from gardener.race import smoke
 from gardener.settings import Settings
 
@@ -183,6 +182,8 @@ def report_cmd(
                    "else docs/<race>.md).")] = None,
 ) -> None:
     """Write the Markdown report of a race, with its plots, from the ledger."""
+
+    from gardener.race import report as report_mod
 
     async def run(conn: asyncpg.Connection) -> Path:
         name = race or await lb.latest_race(conn)

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
@@ -22,7 +22,10 @@ from gardener.core.config import DEFAULT_RUNGS
 from gardener.errors import UserError
 from gardener.ledger.queries import Queries
 from gardener.race import criteria as crit
-from gardener.race import leaderboard, plots
+from gardener.race import leaderboard
+
+if TYPE_CHECKING:
+    from gardener.race import plots
 
 Q = Queries("race.sql")
 
@@ -36,6 +39,8 @@ def image_prefix(race: str, kind: str) -> str:
 
 
 async def load_curves(conn: asyncpg.Connection, race: str) -> dict[str, plots.Curve]:
+    from gardener.race import plots
+
     acc: dict[str, tuple[list[int], list[float]]] = {}
     for r in await conn.fetch(Q.race_samples, race):
         s, v = acc.setdefault(r["canon_name"], ([], []))
@@ -47,6 +52,8 @@ async def load_curves(conn: asyncpg.Connection, race: str) -> dict[str, plots.Cu
 
 def _marks(decisions: Sequence[asyncpg.Record], rungs: Sequence[int],
            curves: dict[str, plots.Curve]) -> list[plots.Mark]:
+    from gardener.race import plots
+
     out = []
     for d in decisions:
         if d["action"] not in plots.MARKERS:
@@ -73,6 +80,8 @@ async def write_report(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``out`` (and its images) for ``race``; returns the path written."""
+    from gardener.race import plots  # matplotlib and scipy: only when a report is written
+
     row = await conn.fetchrow("SELECT * FROM races WHERE name = $1", race)
     if row is None:
         raise UserError(f"unknown race {race!r}")

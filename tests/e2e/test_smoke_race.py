@@ -1,0 +1,77 @@
+"""A reduced smoke race for real: the CLI, the worker loop, trainer subprocesses, PostgreSQL.
+
+2 tags x 2 seeds of 60 steps, twice in a row on one database: both runs end with SMOKE_DONE,
+the second takes the next seeds of each block, nothing is left running, and a run that
+needs more seeds than a block has left is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gardener.race import criteria as crit
+
+CLI = [sys.executable, "-c", "from gardener.cli import main; main()"]
+
+
+def run(args: list[str], dsn: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GARDENER_", "DATABASE_"))}
+    env |= {"DATABASE_URL": dsn, "GARDENER_DATA_DIR": str(data_dir),
+            "GARDENER_LOG_FORMAT": "json"}
+    return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=110)
+
+
+@pytest.mark.slow
+async def test_reduced_smoke_race_twice_in_a_row(db_dsn: str, tmp_path: Path) -> None:
+    args = ["smoke-race", "--tags", "WSD,h768", "--seeds-per-tag", "2", "--max-steps", "60",
+            "--wallclock", "90s", "--account", "acc1", "--auto-teardown", "--json"]
+    seeds: list[list[int]] = []
+    for i in range(2):
+        report = tmp_path / f"r{i}" / "SMOKE.md"
+        res = run([*args, "--report", str(report)], db_dsn, tmp_path / "data")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        out = json.loads(res.stdout)
+        assert out["smoke_done"] is True
+        assert [c["status"] for c in out["criteria"]] == ["GREEN"] * 14
+        seeds.append(out["seeds"])
+        text = report.read_text()
+        assert "14/14 GREEN" in text and crit.SMOKE_DONE in text
+        assert (report.parent / "img" / "smoke_curves.png").stat().st_size > 10_000
+        assert (report.parent / "img" / "smoke_fits.png").stat().st_size > 10_000
+        assert '"event": "smoke_finished"' in res.stderr  # JSON logs off a terminal
+    assert seeds == [[500, 501, 560, 561], [502, 503, 562, 563]]
+    assert crit.live_processes([], "gate0-smoke") == []
+
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        rows = await conn.fetch("SELECT name, status FROM races ORDER BY created_at")
+        assert [r["status"] for r in rows] == ["done", "done"]
+        assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == 8
+        dup = await conn.fetchval("SELECT count(*) - count(DISTINCT exp_id) FROM exp_ids")
+        assert dup == 0 and await conn.fetchval("SELECT count(*) FROM exp_ids") == 4 + 2 * 24
+        # The probes left no trace: champion slots as migrated, no acc2 trial.
+        assert await conn.fetchval(
+            "SELECT count(*) FROM champion_slots WHERE canon_name IS NOT NULL") == 1
+        assert await conn.fetchval(
+            "SELECT count(*) FROM igla_race_trials WHERE account <> 'acc1'") == 0
+    finally:
+        await conn.close()
+
+    board = run(["leaderboard", "rank", "--gate", "gate-0", "--race", rows[1]["name"], "--json"],
+                db_dsn, tmp_path / "data")
+    assert board.returncode == 0, board.stderr
+    ranked = json.loads(board.stdout)
+    assert ranked["passed"] and len(ranked["rows"]) == 4
+    finals = [r["final_bpb"] for r in ranked["rows"]]
+    assert finals == sorted(finals) and len(set(finals)) == 4
+
+    spent = run([*args[:3], "--seeds-per-tag", "7", *args[5:]], db_dsn, tmp_path / "data")
+    assert spent.returncode == 2
+    assert "SeedsExhausted" in spent.stderr and "has 6 unused seed(s)" in spent.stderr
