@@ -3,7 +3,8 @@
 For each curve (horizon H = its last step) and each fraction f, fit the points with
 step <= f * H, predict at H, and record whether the observed final value lies in the 95%
 prediction interval, plus the error of the predicted mean. Also reported: the plain
-delta-method interval (``calibrate=False``) and the "last observed value" predictor.
+delta-method interval (``calibrate=False``), the "last observed value" predictor, and the
+coverage over every later observed point (not only the final one).
 Prints JSON. Usage: python bench/fit_coverage.py [CSV]
 """
 
@@ -35,13 +36,17 @@ def load(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def evaluate(curves: dict[str, tuple[np.ndarray, np.ndarray]], frac: float) -> dict[str, float | int | None]:
+Curves = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def evaluate(curves: Curves, frac: float) -> dict[str, float | int | None]:
     err: list[float] = []
     width: list[float] = []
     err_last: list[float] = []
     cover: list[bool] = []
     cover_ci: list[bool] = []
     cover_naive: list[bool] = []
+    cover_later: list[bool] = []
     no_fit = 0
     for steps, values in curves.values():
         horizon, final = steps[-1], values[-1]
@@ -59,6 +64,8 @@ def evaluate(curves: dict[str, tuple[np.ndarray, np.ndarray]], frac: float) -> d
         cover.append(pred.pi.contains(final))
         cover_ci.append(pred.ci.contains(final))
         width.append(pred.pi.high - pred.pi.low)
+        for s, v in zip(steps[~keep], values[~keep], strict=True):
+            cover_later.append(fit.predict(s).pi.contains(v))
         if naive.ok:
             cover_naive.append(naive.predict(horizon).pi.contains(final))
     return {
@@ -70,6 +77,7 @@ def evaluate(curves: dict[str, tuple[np.ndarray, np.ndarray]], frac: float) -> d
         "coverage_pi95": float(np.mean(cover)) if cover else None,
         "coverage_ci95": float(np.mean(cover_ci)) if cover_ci else None,
         "coverage_pi95_plain_delta": float(np.mean(cover_naive)) if cover_naive else None,
+        "coverage_pi95_all_later_points": float(np.mean(cover_later)) if cover_later else None,
         "median_pi95_width": float(np.median(width)) if width else None,
         "mae_last_observed": float(np.mean(err_last)) if err_last else None,
     }

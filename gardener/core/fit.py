@@ -39,8 +39,9 @@ IntArray = npt.NDArray[np.int64]
 MIN_POINTS = 4  # three parameters and at least one degree of freedom for the residual variance
 P_MIN = 0.01  # exponent search range: below it t**-p is indistinguishable from a log-linear law
 P_MAX = 4.0
-GRID_SIZE = 40  # log-spaced exponents in the variable-projection search
-LM_ITERATIONS = 12  # vectorised Levenberg-Marquardt polish steps
+GRID_SIZE = 16  # log-spaced exponents in the variable-projection search
+LM_ITERATIONS = 20  # at most this many vectorised Levenberg-Marquardt polish steps
+LM_RTOL = 1e-9  # stop a curve's polish when a step lowers its RSS by less than this share
 HOLDOUT_FRACTIONS = (0.5, 0.625, 0.75, 0.875)  # rolling origins of the discrepancy check
 RHO_MAX = 0.9  # cap on the lag-1 autocorrelation (factor at most 19)
 SINGULAR_DET = 1e-13  # determinant of the scaled normal matrix below which a fit is singular
@@ -94,7 +95,7 @@ class PowerLawFit:
     t_ref: float = float("nan")
     last_step: float = float("nan")
     cov: tuple[tuple[float, ...], ...] = ()
-    df: int = 0
+    df: float = 0.0  # Student-t degrees of freedom: effective sample size minus 3, at least 1
     rho: float = float("nan")  # lag-1 autocorrelation of the residuals (clipped to [0, 0.9])
     kappa: float = 0.0  # model discrepancy per unit of log-extrapolation distance
     n_holdout: int = 0  # held-out errors behind kappa (0: no discrepancy estimate)
@@ -116,7 +117,7 @@ class PowerLawFit:
             np.array(self.cov, dtype=np.float64).reshape(1, 3, 3),
             np.array([self.sigma]),
             np.array([self.kappa]),
-            np.array([self.df], dtype=np.float64),
+            np.array([self.df]),
             np.array([step]),
             lvl,
         )
@@ -157,7 +158,7 @@ class BatchFit:
     t_ref: FloatArray
     last_step: FloatArray
     cov: FloatArray  # (N, 3, 3) covariance of (bpb_inf, b, p)
-    df: IntArray
+    df: FloatArray
     rho: FloatArray
     kappa: FloatArray
     n_holdout: IntArray
@@ -174,7 +175,7 @@ class BatchFit:
         t = np.broadcast_to(np.asarray(step, dtype=np.float64), self.ok.shape).copy()
         mean, ci_lo, ci_hi, pi_lo, pi_hi = _predict_arrays(
             self.bpb_inf, self.b, self.p, self.t_ref, self.last_step, self.cov,
-            self.sigma, self.kappa, self.df.astype(np.float64), t, lvl,
+            self.sigma, self.kappa, self.df, t, lvl,
         )
         bad = ~self.ok | ~np.isfinite(t) | (t <= 0) | (not 0 < lvl < 1)
         for arr in (mean, ci_lo, ci_hi, pi_lo, pi_hi):
@@ -200,7 +201,7 @@ class BatchFit:
             t_ref=float(self.t_ref[i]),
             last_step=float(self.last_step[i]),
             cov=tuple(tuple(float(v) for v in row) for row in self.cov[i]),
-            df=int(self.df[i]),
+            df=float(self.df[i]),
             rho=float(self.rho[i]),
             kappa=float(self.kappa[i]),
             n_holdout=int(self.n_holdout[i]),
@@ -287,6 +288,10 @@ def _fit_batch_impl(
     t_in: FloatArray, y_in: FloatArray, counts: IntArray, level: float, polish_scipy: bool,
     calibrate: bool,
 ) -> BatchFit:
+    if y_in.shape[1] == 0:  # no points at all: one empty column keeps the shapes valid
+        t_in = np.full((y_in.shape[0], 1), np.nan)
+        y_in = t_in.copy()
+        counts = np.zeros(y_in.shape[0], dtype=np.int64)
     n_rows, width = y_in.shape
     col = np.arange(width)[None, :]
     inside = col < counts[:, None]
@@ -322,13 +327,14 @@ def _fit_batch_impl(
     flat = ~(y_scale > 1e-12 * np.maximum(1.0, np.abs(y_mean)))
     z = np.where(m, y_dev / np.where(flat, 1.0, y_scale)[:, None], 0.0)
 
-    for i in range(n_rows):
-        if bad_t[i].any() or bad_y[i].any():
-            reason[i] = (
-                f"non-finite values: {int(bad_t[i].sum())} steps, {int(bad_y[i].sum())} values"
-            )
-        elif neg_t[i].any():
-            reason[i] = f"negative steps: {int(neg_t[i].sum())}"
+    n_bad_t, n_bad_y, n_neg = bad_t.sum(axis=1), bad_y.sum(axis=1), neg_t.sum(axis=1)
+    suspect = (n_bad_t > 0) | (n_bad_y > 0) | (n_neg > 0) | (n < MIN_POINTS) | (distinct < 3)
+    suspect |= flat | ~np.isfinite(y_scale)
+    for i in np.flatnonzero(suspect).tolist():
+        if n_bad_t[i] or n_bad_y[i]:
+            reason[i] = f"non-finite values: {int(n_bad_t[i])} steps, {int(n_bad_y[i])} values"
+        elif n_neg[i]:
+            reason[i] = f"negative steps: {int(n_neg[i])}"
         elif n[i] < MIN_POINTS:
             extra = f" ({int(dropped[i])} at step 0 dropped)" if dropped[i] else ""
             reason[i] = f"fewer than {MIN_POINTS} usable points: {int(n[i])}{extra}"
@@ -341,9 +347,10 @@ def _fit_batch_impl(
     n_fit = np.where(ok, n, 0)
 
     # Full fit: grid, parabolic refinement in log p, Levenberg-Marquardt polish.
-    ks_full = n_fit[:, None]
-    c, b, p = _profile_fit(log_s, z, m, ks_full)
-    c, b, p = c[:, 0], b[:, 0], p[:, 0]
+    # One grid pass serves the full fit and the held-out origins of the discrepancy check.
+    ks_head = _holdout_origins(n_fit) if calibrate else np.zeros((n_rows, 0), dtype=np.int64)
+    c_all, b_all, p_all = _profile_fit(log_s, z, m, np.concatenate([n_fit[:, None], ks_head], 1))
+    c, b, p = c_all[:, 0], b_all[:, 0], p_all[:, 0]
     c, b, p = _lm_polish(log_s, z, m, c, b, p, ok)
     if polish_scipy:
         for i in np.flatnonzero(ok).tolist():
@@ -359,7 +366,8 @@ def _fit_batch_impl(
 
     # Rolling-origin discrepancy check inside the observed prefix.
     if calibrate:
-        kappa2, n_hold = _discrepancy(t, log_s, z, m, n_fit, ok)
+        heads = (ks_head, c_all[:, 1:], b_all[:, 1:], p_all[:, 1:])
+        kappa2, n_hold = _discrepancy(t, log_s, z, m, heads, ok)
     else:
         kappa2, n_hold = np.zeros(n_rows), np.zeros(n_rows, dtype=np.int64)
 
@@ -372,7 +380,7 @@ def _fit_batch_impl(
     d = np.stack([scale, scale, np.ones_like(scale)], axis=1)
     cov = st.cov * d[:, :, None] * d[:, None, :]
     a = b_out * np.power(t_ref, p)
-    df = np.maximum(n - 3, 1).astype(np.int64)
+    df = np.maximum(n - 3, 1.0)
     q = stats.t.ppf(0.5 + level / 2, df)
     half = q * np.sqrt(cov[:, 0, 0])
     last_step = t_ref
@@ -417,18 +425,21 @@ def _profile_fit(
     curves cost one ``exp`` per grid point. Returns ``(c, b, p)`` of shape ``ks.shape``.
     """
     width = z.shape[1]
-    idx = np.clip(ks - 1, 0, max(width - 1, 0))
-    mf = m.astype(np.float64)
-    cn = np.take_along_axis(np.cumsum(mf, axis=1), idx, axis=1)
-    sy = np.take_along_axis(np.cumsum(z, axis=1), idx, axis=1)
-    syy = np.take_along_axis(np.cumsum(z * z, axis=1), idx, axis=1)
-    rss_grid = np.empty((GRID_SIZE, *ks.shape))
+    # Points along axis 0, curves along axis 1: prefix sums then run over contiguous rows.
+    ls_t = np.ascontiguousarray(log_s.T)
+    mf_t = np.ascontiguousarray(m.T, dtype=np.float64)
+    z_t = np.ascontiguousarray(z.T) * mf_t
+    idx = np.clip(ks - 1, 0, max(width - 1, 0)).T
+
+    def at_prefix(q: FloatArray) -> FloatArray:
+        out: FloatArray = np.take_along_axis(np.cumsum(q, axis=0), idx, axis=0)
+        return out
+
+    cn, sy, syy = at_prefix(mf_t), at_prefix(z_t), at_prefix(z_t * z_t)
+    rss_grid = np.empty((GRID_SIZE, *idx.shape))
     for g, pg in enumerate(_P_GRID):
-        x = np.exp(-pg * log_s) * mf
-        sx = np.take_along_axis(np.cumsum(x, axis=1), idx, axis=1)
-        sxx = np.take_along_axis(np.cumsum(x * x, axis=1), idx, axis=1)
-        sxy = np.take_along_axis(np.cumsum(x * z, axis=1), idx, axis=1)
-        rss_grid[g] = _ls2(cn, sx, sxx, sy, sxy, syy)[2]
+        x = np.exp(-pg * ls_t) * mf_t
+        rss_grid[g] = _ls2(cn, at_prefix(x), at_prefix(x * x), sy, at_prefix(x * z_t), syy)[2]
     rss_grid = np.where(np.isfinite(rss_grid), rss_grid, np.inf)
     best = np.argmin(rss_grid, axis=0)
     # Parabolic refinement in log p through the best grid point and its neighbours.
@@ -441,21 +452,43 @@ def _profile_fit(
     shift = np.where(curv > 0, 0.5 * h * (r_m - r_p) / np.where(curv > 0, curv, 1.0), 0.0)
     shift = np.where(np.isfinite(shift), np.clip(shift, -h, h), 0.0)
     interior = (best > 0) & (best < GRID_SIZE - 1)
-    logp = np.where(interior, _LOG_P_GRID[g0] + shift, _LOG_P_GRID[best])
-    p = np.exp(logp)
-    # Exact (c, b) at the refined exponent; keep the grid point if refinement made it worse.
+    p = np.exp(np.where(interior, _LOG_P_GRID[g0] + shift, _LOG_P_GRID[best])).T
+    rss_best = np.min(rss_grid, axis=0).T
+    best = best.T
+    # Exact (c, b) at the refined exponent; back to the grid point where refinement is worse.
     c = np.empty(ks.shape)
     b = np.empty(ks.shape)
+    col = np.arange(width)[None, :]
     for j in range(ks.shape[1]):
-        pref = m & (np.arange(width)[None, :] < ks[:, j : j + 1])
+        pref = m & (col < ks[:, j : j + 1])
         cj, bj, rj = _solve_cb(log_s, z, pref, p[:, j])
-        pg = _P_GRID[best[:, j]]
-        cg, bg, rg = _solve_cb(log_s, z, pref, pg)
-        worse = ~(rj <= rg)
-        c[:, j] = np.where(worse, cg, cj)
-        b[:, j] = np.where(worse, bg, bj)
-        p[:, j] = np.where(worse, pg, p[:, j])
+        worse = np.flatnonzero(~(rj <= rss_best[:, j] * (1 + 1e-12) + 1e-300))
+        if worse.size:
+            pg = _P_GRID[best[worse, j]]
+            cj[worse], bj[worse], _ = _solve_cb(log_s[worse], z[worse], pref[worse], pg)
+            p[worse, j] = pg
+        c[:, j], b[:, j] = cj, bj
     return c, b, p
+
+
+def _gram(cols: tuple[FloatArray, FloatArray, FloatArray]) -> FloatArray:
+    """``J^T J`` of a stack of Jacobians given as three (N, M) columns, shape (N, 3, 3)."""
+    out = np.empty((cols[0].shape[0], 3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            out[:, i, j] = out[:, j, i] = np.sum(cols[i] * cols[j], axis=1)
+    return out
+
+
+def _quad(g: tuple[FloatArray, FloatArray, FloatArray], cov: FloatArray) -> FloatArray:
+    """``g^T cov g`` per row, for three (N,) or (N, M) gradient parts and (N, 3, 3) ``cov``."""
+    shape = np.broadcast_shapes(*(gi.shape for gi in g))
+    out = np.zeros(shape)
+    extra = (slice(None),) + (None,) * (len(shape) - 1)
+    for i in range(3):
+        for j in range(3):
+            out += g[i] * g[j] * cov[:, i, j][extra]
+    return out
 
 
 def _ls2(
@@ -479,8 +512,9 @@ def _solve_cb(
     """The exact best ``(c, b >= 0)`` of each row at exponent ``p[i]``, and its RSS."""
     mf = m.astype(np.float64)
     x = np.exp(-p[:, None] * log_s) * mf
-    c, b, _ = _ls2(mf.sum(1), x.sum(1), (x * x).sum(1), z.sum(1), (x * z).sum(1),
-                   (z * z).sum(1))
+    zm = z * mf
+    c, b, _ = _ls2(mf.sum(1), x.sum(1), (x * x).sum(1), zm.sum(1), (x * zm).sum(1),
+                   (zm * zm).sum(1))
     r = (z - c[:, None] - b[:, None] * x) * mf
     return c, b, np.sum(r * r, axis=1)
 
@@ -490,43 +524,53 @@ def _lm_polish(
     active: BoolArray,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Vectorised Levenberg-Marquardt on (c, b, p), keeping b >= 0 and p in range."""
-    mf = m.astype(np.float64)
-
-    def rss_of(c_: FloatArray, b_: FloatArray, p_: FloatArray) -> FloatArray:
-        r = (z - c_[:, None] - b_[:, None] * np.exp(-p_[:, None] * log_s)) * mf
-        out: FloatArray = np.sum(r * r, axis=1)
-        return np.where(np.isfinite(out), out, np.inf)
-
     c, b, p = c.copy(), b.copy(), p.copy()
-    lam = np.full(c.shape, 1e-3)
-    rss = rss_of(c, b, p)
-    act = active & (b > 0)
+    rows = np.flatnonzero(active & (b > 0))
+    if rows.size == 0:
+        return c, b, p
+    ls, zz, mf = log_s[rows], z[rows], m[rows].astype(np.float64)
+    cc, bb, pp = c[rows], b[rows], p[rows]
+
+    lam = np.full(rows.shape, 1e-3)
+    rss, x, r = _rss_of(ls, zz, mf, cc, bb, pp)
+    act = np.arange(rows.size)
     for _ in range(LM_ITERATIONS):
-        if not act.any():
+        if act.size == 0:
             break
-        x = np.exp(-p[:, None] * log_s) * mf
-        r = (z - c[:, None] - b[:, None] * x) * mf
-        jac = np.stack([mf, x, -b[:, None] * x * log_s], axis=2)
-        jtj = np.einsum("nki,nkj->nij", jac, jac)
-        jtr = np.einsum("nki,nk->ni", jac, r)
-        diag = np.einsum("nii->ni", jtj)
-        damped = jtj + lam[:, None, None] * diag[:, :, None] * np.eye(3)[None]
-        inv, _ = _inv3_scaled(damped)
-        step = np.einsum("nij,nj->ni", inv, jtr)
+        xa, ra, la, ma, ba = x[act], r[act], ls[act], mf[act], bb[act]
+        cols = (ma, xa, -ba[:, None] * xa * la)
+        jtj = _gram(cols)
+        jtr = np.stack([np.sum(col * ra, axis=1) for col in cols], axis=1)
+        for i in range(3):
+            jtj[:, i, i] *= 1.0 + lam[act]
+        inv, _ = _inv3_scaled(jtj)
+        step = np.sum(inv * jtr[:, None, :], axis=2)
         step = np.where(np.isfinite(step), step, 0.0)
-        c_new = c + step[:, 0]
-        b_new = np.maximum(b + step[:, 1], 0.0)
-        p_new = np.clip(p + step[:, 2], P_MIN, P_MAX)
-        rss_new = rss_of(c_new, b_new, p_new)
-        better = act & (rss_new < rss)
-        c = np.where(better, c_new, c)
-        b = np.where(better, b_new, b)
-        p = np.where(better, p_new, p)
-        rel = np.where(better, (rss - rss_new) / np.maximum(rss, 1e-300), 0.0)
-        rss = np.where(better, rss_new, rss)
-        lam = np.where(better, lam / 3.0, lam * 4.0)
-        act = act & (better & (rel > 1e-12) | ~better & (lam < 1e8)) & (b > 0)
+        c_new = cc[act] + step[:, 0]
+        b_new = np.maximum(ba + step[:, 1], 0.0)
+        p_new = np.clip(pp[act] + step[:, 2], P_MIN, P_MAX)
+        rss_new, x_new, r_new = _rss_of(la, zz[act], ma, c_new, b_new, p_new)
+        better = rss_new < rss[act]
+        up = act[better]
+        cc[up], bb[up], pp[up] = c_new[better], b_new[better], p_new[better]
+        x[up], r[up] = x_new[better], r_new[better]
+        rel = np.where(better, (rss[act] - rss_new) / np.maximum(rss[act], 1e-300), 0.0)
+        rss[up] = rss_new[better]
+        lam[act] = np.where(better, lam[act] / 3.0, lam[act] * 4.0)
+        keep = np.where(better, rel > LM_RTOL, lam[act] < 1e8) & (bb[act] > 0)
+        act = act[keep]
+    c[rows], b[rows], p[rows] = cc, bb, pp
     return c, b, p
+
+
+def _rss_of(
+    ls: FloatArray, zz: FloatArray, mf: FloatArray, c: FloatArray, b: FloatArray, p: FloatArray,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Residual sum of squares per row, with the basis ``x`` and residuals it came from."""
+    x = np.exp(-p[:, None] * ls) * mf
+    r = (zz - c[:, None] - b[:, None] * x) * mf
+    out = np.sum(r * r, axis=1)
+    return np.where(np.isfinite(out), out, np.inf), x, r
 
 
 def _scipy_polish(
@@ -566,7 +610,7 @@ def _inv3_scaled(a: FloatArray) -> tuple[FloatArray, FloatArray]:
     Returns the inverses (NaN where singular) and the determinant of the scaled matrix, which
     is 1 for orthogonal columns and 0 for collinear ones: a scale-free singularity test.
     """
-    diag = np.einsum("nii->ni", a)
+    diag = np.stack([a[:, 0, 0], a[:, 1, 1], a[:, 2, 2]], axis=1)
     dinv = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
     s = a * dinv[:, :, None] * dinv[:, None, :]
     c00 = s[:, 1, 1] * s[:, 2, 2] - s[:, 1, 2] * s[:, 2, 1]
@@ -590,6 +634,7 @@ def _inv3_scaled(a: FloatArray) -> tuple[FloatArray, FloatArray]:
 class _Stats:
     sigma: FloatArray
     rho: FloatArray
+    inflation: FloatArray
     cov: FloatArray
     singular: BoolArray
 
@@ -608,18 +653,36 @@ def _stats(
     pair = mf[:, 1:] * mf[:, :-1]
     lag1 = np.sum(r[:, 1:] * r[:, :-1] * pair, axis=1)
     rho = np.where(rss > 0, lag1 / np.where(rss > 0, rss, 1.0), 0.0)
+    # First-order small-sample bias of the lag-1 estimate: E[rho_hat] ~ rho - (1 + 3 rho) / n.
+    rho = rho + (1 + 3 * rho) / np.maximum(n, 1)
     rho = np.clip(np.where(np.isfinite(rho), rho, 0.0), 0.0, RHO_MAX)
-    inflation = (1 + rho) / (1 - rho) if autocorrelation else np.ones_like(rho)
-    jac = np.stack([mf, x, -b[:, None] * x * log_s], axis=2)
-    jtj = np.einsum("nki,nkj->nij", jac, jac)
+    if not autocorrelation:
+        rho = np.zeros_like(rho)
+    inflation = (1 + rho) / (1 - rho)
+    jtj = _gram((mf, x, -b[:, None] * x * log_s))
     inv, _ = _inv3_scaled(jtj)
     cov = inv * (sigma2 * inflation)[:, None, None]
-    singular: BoolArray = ~np.isfinite(inv.reshape(len(n), 9)).all(axis=1)
-    return _Stats(np.sqrt(sigma2), rho, cov, singular)
+    singular = np.asarray(~np.isfinite(inv.reshape(len(n), 9)).all(axis=1), dtype=bool)
+    return _Stats(np.sqrt(sigma2), rho, inflation, cov, singular)
+
+
+def _holdout_origins(n: IntArray) -> IntArray:
+    """Rolling origins (number of points fitted) per curve; 0 where there is nothing to hold out.
+
+    Duplicates (short curves round several fractions to the same origin) are also zeroed.
+    """
+    fr = np.array(HOLDOUT_FRACTIONS)
+    ks = np.maximum(np.floor(n[:, None] * fr[None, :]).astype(np.int64), MIN_POINTS)
+    ks = np.where(ks < n[:, None], ks, 0)
+    for j in range(1, ks.shape[1]):
+        dup = (ks[:, :j] == ks[:, j : j + 1]).any(axis=1)
+        ks[:, j] = np.where(dup, 0, ks[:, j])
+    return ks
 
 
 def _discrepancy(
-    t: FloatArray, log_s: FloatArray, z: FloatArray, m: BoolArray, n: IntArray, ok: BoolArray,
+    t: FloatArray, log_s: FloatArray, z: FloatArray, m: BoolArray,
+    heads: tuple[IntArray, FloatArray, FloatArray, FloatArray], ok: BoolArray,
 ) -> tuple[FloatArray, IntArray]:
     """Moment estimate of kappa**2 from rolling origins inside the observed prefix.
 
@@ -632,24 +695,16 @@ def _discrepancy(
     estimates kappa**2. Curves too short to hold out anything get kappa = 0, n_holdout = 0.
     """
     n_rows, width = z.shape
-    fr = np.array(HOLDOUT_FRACTIONS)
-    ks = np.maximum(np.floor(n[:, None] * fr[None, :]).astype(np.int64), MIN_POINTS)
-    valid = ok[:, None] & (ks < n[:, None])
-    ks = np.where(valid, ks, 0)
+    ks, c_all, b_all, p_all = heads
+    valid = ok[:, None] & (ks > 0)
     total = np.zeros(n_rows)
     origins = np.zeros(n_rows)
     count = np.zeros(n_rows, dtype=np.int64)
     if not valid.any():
         return total, count
-    c_all, b_all, p_all = _profile_fit(log_s, z, m & valid.any(axis=1)[:, None], ks)
     col = np.arange(width)[None, :]
-    seen: set[tuple[int, ...]] = set()
     for j in range(ks.shape[1]):
         rows = valid[:, j]
-        # Identical origins (short curves) are counted once.
-        rows = rows & ~np.isin(np.arange(n_rows), [r for r in np.flatnonzero(rows)
-                                                   if (r, int(ks[r, j])) in seen])
-        seen.update((int(r), int(ks[r, j])) for r in np.flatnonzero(rows))
         if not rows.any():
             continue
         k = ks[:, j : j + 1]
@@ -666,11 +721,9 @@ def _discrepancy(
         x = np.exp(-p[:, None] * log_s)
         err = np.where(tail, z - c[:, None] - b[:, None] * x, 0.0)
         slope = np.sum(w * err, axis=1)
-        g = np.stack([np.ones_like(x), x, -b[:, None] * x * log_s], axis=2)
-        gw = np.einsum("nk,nki->ni", w, g)
-        var_param = np.einsum("ni,nij,nj->n", gw, np.nan_to_num(st.cov), gw)
-        infl = (1 + st.rho) / (1 - st.rho)
-        var_noise = st.sigma**2 * infl * np.sum(w * w, axis=1)
+        gw = (np.sum(w, axis=1), np.sum(w * x, axis=1), -b * np.sum(w * x * log_s, axis=1))
+        var_param = _quad(gw, np.nan_to_num(st.cov))
+        var_noise = st.sigma**2 * st.inflation * np.sum(w * w, axis=1)
         excess = slope**2 - var_param - var_noise
         has = has & np.isfinite(excess)
         total += np.where(has, excess, 0.0)
@@ -690,8 +743,7 @@ def _predict_arrays(
         log_s = np.log(t / t_ref)
         x = np.exp(-p * log_s)
         mean = c + b * x
-        g = np.stack([np.ones_like(x), x, -b * x * log_s], axis=1)
-        var_mean = np.einsum("ni,nij,nj->n", g, cov, g)
+        var_mean = _quad((np.ones_like(x), x, -b * x * log_s), cov)
         dist = np.maximum(np.log(t / last), 0.0)
         var_disc = (kappa * dist) ** 2
         q = stats.t.ppf(0.5 + level / 2, df) if 0 < level < 1 else np.full_like(df, np.nan)

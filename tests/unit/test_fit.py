@@ -1,0 +1,313 @@
+"""The power-law fit: parameter recovery, interval coverage, no-fit reasons, batch agreement."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gardener.core.fit import (
+    P_MAX,
+    P_MIN,
+    BatchFit,
+    PowerLawFit,
+    fit_many,
+    fit_power_law,
+)
+
+STEPS = np.arange(500.0, 12_001.0, 500.0)
+
+
+def power_law(t: np.ndarray, inf: float, a: float, p: float) -> np.ndarray:
+    return inf + a * t ** (-p)
+
+
+def noisy_curve(
+    rng: np.random.Generator, inf: float = 2.0, a: float = 20.0, p: float = 0.5,
+    noise: float = 0.01, steps: np.ndarray = STEPS,
+) -> np.ndarray:
+    return power_law(steps, inf, a, p) + noise * rng.standard_normal(steps.size)
+
+
+# -- parameter recovery --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inf,a,p", [(2.0, 20.0, 0.5), (1.2, 5.0, 0.3), (3.0, 200.0, 1.0)])
+def test_recovers_exact_parameters_without_noise(inf: float, a: float, p: float) -> None:
+    fit = fit_power_law(STEPS, power_law(STEPS, inf, a, p))
+    assert fit.ok, fit.reason
+    assert fit.bpb_inf == pytest.approx(inf, abs=1e-6)
+    assert fit.a == pytest.approx(a, rel=1e-5)
+    assert fit.p == pytest.approx(p, rel=1e-5)
+    assert fit.sigma < 1e-8
+
+
+def test_recovers_parameters_within_interval_on_noisy_curve() -> None:
+    rng = np.random.default_rng(1)
+    steps = np.linspace(100, 50_000, 60)
+    fit = fit_power_law(steps, noisy_curve(rng, 2.0, 20.0, 0.5, 0.005, steps))
+    assert fit.ok, fit.reason
+    assert fit.bpb_inf_ci.contains(2.0)
+    assert abs(fit.bpb_inf - 2.0) < 0.05
+    assert abs(fit.p - 0.5) < 0.1
+    assert fit.sigma == pytest.approx(0.005, rel=0.3)
+    assert fit.n == 60
+    pred = fit.predict(100_000)
+    assert pred.ci.low < pred.mean < pred.ci.high
+    # The prediction interval holds the observation noise, so it is wider than the CI.
+    assert pred.pi.low < pred.ci.low and pred.pi.high > pred.ci.high
+    assert pred.pi.contains(float(power_law(np.array(100_000.0), 2.0, 20.0, 0.5)))
+
+
+def test_unsorted_and_duplicate_steps_give_the_same_fit() -> None:
+    rng = np.random.default_rng(2)
+    y = noisy_curve(rng)
+    perm = rng.permutation(STEPS.size)
+    a = fit_power_law(STEPS, y)
+    b = fit_power_law(STEPS[perm], y[perm])
+    assert a.ok and b.ok
+    assert b.bpb_inf == pytest.approx(a.bpb_inf, abs=1e-9)
+    dup = fit_power_law(np.concatenate([STEPS, STEPS[:3]]), np.concatenate([y, y[:3]]))
+    assert dup.ok and dup.n == STEPS.size + 3
+
+
+def test_step_zero_is_dropped_and_counted() -> None:
+    rng = np.random.default_rng(3)
+    y = noisy_curve(rng)
+    fit = fit_power_law(np.concatenate([[0.0], STEPS]), np.concatenate([[9.9], y]))
+    plain = fit_power_law(STEPS, y)
+    assert fit.ok and fit.dropped == 1 and fit.n == STEPS.size
+    assert fit.bpb_inf == pytest.approx(plain.bpb_inf, abs=1e-9)
+
+
+# -- interval coverage on synthetic curves with known truth --------------------------------------
+
+
+def _coverage(rho: float, n_curves: int, seed: int, calibrate: bool) -> tuple[float, float]:
+    """Share of curves whose true mean (CI) and new observation (PI) at 2x the horizon are in."""
+    rng = np.random.default_rng(seed)
+    steps = np.linspace(200, 8000, 30)
+    target = 16_000.0
+    inf = rng.uniform(1.5, 3.0, n_curves)
+    a = rng.uniform(5.0, 50.0, n_curves)
+    p = rng.uniform(0.3, 0.8, n_curves)
+    noise = rng.uniform(0.005, 0.03, n_curves)
+    eps = rng.standard_normal((n_curves, steps.size))
+    for j in range(1, steps.size):  # AR(1) noise with the stationary variance noise**2
+        eps[:, j] = rho * eps[:, j - 1] + math.sqrt(1 - rho**2) * eps[:, j]
+    values = power_law(steps[None, :], inf[:, None], a[:, None], p[:, None])
+    values = values + noise[:, None] * eps
+    truth = power_law(np.array(target), inf, a, p)
+    new_obs = truth + noise * rng.standard_normal(n_curves)
+    batch = fit_many(steps, values, calibrate=calibrate)
+    pred = batch.predict(target)
+    ok = batch.ok
+    ci = (pred.ci_low <= truth) & (truth <= pred.ci_high)
+    pi = (pred.pi_low <= new_obs) & (new_obs <= pred.pi_high)
+    return float(ci[ok].mean()), float(pi[ok].mean())
+
+
+def test_interval_coverage_is_near_nominal_on_iid_noise() -> None:
+    ci, pi = _coverage(rho=0.0, n_curves=400, seed=10, calibrate=True)
+    assert 0.90 <= ci <= 0.99
+    assert 0.90 <= pi <= 0.99
+
+
+def test_plain_delta_method_is_near_nominal_when_its_assumptions_hold() -> None:
+    ci, pi = _coverage(rho=0.0, n_curves=400, seed=11, calibrate=False)
+    assert 0.90 <= ci <= 0.985
+    assert 0.90 <= pi <= 0.985
+
+
+def test_autocorrelated_noise_is_covered_only_with_the_correction() -> None:
+    ci_plain, _ = _coverage(rho=0.7, n_curves=400, seed=12, calibrate=False)
+    ci_cal, pi_cal = _coverage(rho=0.7, n_curves=400, seed=12, calibrate=True)
+    assert ci_plain < 0.85  # the naive interval under-covers correlated residuals
+    assert ci_cal > ci_plain + 0.05
+    assert 0.85 <= ci_cal <= 0.995
+    assert 0.85 <= pi_cal <= 0.995
+
+
+def test_bpb_inf_interval_covers_the_truth() -> None:
+    rng = np.random.default_rng(13)
+    steps = np.geomspace(100, 100_000, 40)
+    hits = []
+    for _ in range(150):
+        inf, a, p = rng.uniform(1.5, 3), rng.uniform(5, 50), rng.uniform(0.3, 0.8)
+        fit = fit_power_law(steps, noisy_curve(rng, inf, a, p, 0.01, steps))
+        if fit.ok:
+            hits.append(fit.bpb_inf_ci.contains(inf))
+    assert len(hits) >= 140
+    assert 0.88 <= np.mean(hits) <= 0.995
+
+
+def test_discrepancy_term_widens_intervals_for_a_misspecified_curve() -> None:
+    # A curve that keeps falling linearly in log t (no asymptote) plus a late acceleration:
+    # the power law cannot follow it, and the held-out check inside the curve notices.
+    steps = np.linspace(500, 12_000, 24)
+    y = 4.0 - 0.25 * np.log(steps) - 0.2 * (steps / 12_000) ** 4
+    fit = fit_power_law(steps, y)
+    assert fit.ok, fit.reason
+    assert fit.kappa > 0 and fit.n_holdout > 0
+    plain = fit_power_law(steps, y, calibrate=False)
+    wide = fit.predict(48_000).pi
+    narrow = plain.predict(48_000).pi
+    assert wide.high - wide.low > narrow.high - narrow.low
+    # No extrapolation, no discrepancy: at the last observed step the two CIs agree more.
+    assert fit.predict(12_000).ci.high - fit.predict(12_000).ci.low < wide.high - wide.low
+
+
+# -- no-fit reasons ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "steps,values,fragment",
+    [
+        ([1.0, 2.0, 3.0], [3.0, 2.0, 1.5], "fewer than 4"),
+        ([], [], "fewer than 4"),
+        ([0.0, 1.0, 2.0, 3.0], [4.0, 3.0, 2.0, 1.5], "step 0 dropped"),
+        ([1.0, 2.0, 3.0, 4.0], [3.0, float("nan"), 2.0, 1.9], "non-finite"),
+        ([1.0, 2.0, float("inf"), 4.0], [3.0, 2.5, 2.0, 1.9], "non-finite"),
+        ([1.0, 2.0, 3.0, 4.0], [3.0, 2.5, float("-inf"), 1.9], "non-finite"),
+        ([-1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.5, 2.0, 1.9, 1.8], "negative steps"),
+        (list(STEPS), [2.5] * STEPS.size, "constant curve"),
+        (list(STEPS), list(1.0 + STEPS / 1e4), "no decreasing trend"),
+        ([5.0, 5.0, 7.0, 7.0, 7.0], [3.0, 2.9, 2.0, 2.1, 2.05], "distinct steps"),
+        ([1.0, 2.0, 3.0], [3.0, 2.0], "differ in length"),
+    ],
+)
+def test_no_fit_reasons(steps: list[float], values: list[float], fragment: str) -> None:
+    fit = fit_power_law(steps, values)
+    assert not fit.ok
+    assert fit.reason is not None and fragment in fit.reason
+    assert math.isnan(fit.bpb_inf) and math.isnan(fit.bpb_inf_ci.low)
+    pred = fit.predict(1000.0)
+    assert math.isnan(pred.mean) and math.isnan(pred.pi.low) and math.isnan(pred.ci.high)
+
+
+def test_predict_at_invalid_step_is_nan() -> None:
+    fit = fit_power_law(STEPS, noisy_curve(np.random.default_rng(4)))
+    assert fit.ok
+    for bad in (0.0, -5.0, float("nan"), float("inf")):
+        assert math.isnan(fit.predict(bad).mean)
+
+
+# -- never raises --------------------------------------------------------------------------------
+
+_floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+_steps = st.one_of(
+    st.floats(min_value=-10, max_value=1e6),
+    st.sampled_from([0.0, 1.0, 500.0, 1000.0, float("nan"), float("inf"), -1.0]),
+    _floats,
+)
+
+
+def _check_fit(fit: PowerLawFit) -> None:
+    if fit.ok:
+        assert fit.reason is None
+        nums = [fit.bpb_inf, fit.a, fit.p, fit.sigma, fit.bpb_inf_ci.low, fit.bpb_inf_ci.high]
+        assert all(math.isfinite(v) for v in nums)
+        assert fit.bpb_inf_ci.low <= fit.bpb_inf <= fit.bpb_inf_ci.high
+        assert fit.a >= 0 and P_MIN <= fit.p <= P_MAX and fit.n >= 4
+        for step in (fit.last_step, 2 * fit.last_step):
+            pr = fit.predict(step)
+            assert pr.pi.low <= pr.ci.low <= pr.mean <= pr.ci.high <= pr.pi.high
+    else:
+        assert isinstance(fit.reason, str) and fit.reason
+        assert math.isnan(fit.predict(1000.0).mean)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_steps, _floats), min_size=0, max_size=30))
+def test_fit_never_raises_on_arbitrary_points(points: list[tuple[float, float]]) -> None:
+    steps = [s for s, _ in points]
+    values = [v for _, v in points]
+    _check_fit(fit_power_law(steps, values))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hnp.arrays(np.float64, st.integers(0, 40), elements=st.floats(0.5, 5.0)),
+    st.floats(1e-6, 1.0),
+    st.integers(0, 2**32 - 1),
+)
+def test_fit_never_raises_on_plausible_noisy_curves(
+    base: np.ndarray, noise: float, seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    steps = np.cumsum(rng.integers(0, 700, base.size)).astype(float)
+    values = np.sort(base)[::-1] + noise * rng.standard_normal(base.size)
+    _check_fit(fit_power_law(steps, values))
+
+
+# -- batched fit ---------------------------------------------------------------------------------
+
+
+def _random_curves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    steps = np.linspace(100, 10_000, 30)
+    inf = rng.uniform(1.5, 3.0, n)
+    a = rng.uniform(2.0, 30.0, n)
+    p = rng.uniform(0.2, 1.0, n)
+    noise = rng.uniform(0.002, 0.05, n)
+    values = power_law(steps[None, :], inf[:, None], a[:, None], p[:, None])
+    values = values + noise[:, None] * rng.standard_normal((n, steps.size))
+    return np.broadcast_to(steps, values.shape).copy(), values
+
+
+def test_batched_fit_agrees_with_single_fit() -> None:
+    steps, values = _random_curves(60, seed=20)
+    batch = fit_many(steps, values)
+    assert isinstance(batch, BatchFit) and len(batch) == 60
+    target = 20_000.0
+    bp = batch.predict(target)
+    for i in range(60):
+        single = fit_power_law(steps[i], values[i])
+        assert single.ok == bool(batch.ok[i])
+        if not single.ok:
+            continue
+        half = (single.bpb_inf_ci.high - single.bpb_inf_ci.low) / 2
+        assert abs(single.bpb_inf - batch.bpb_inf[i]) <= 0.01 * half + 1e-9
+        assert single.sigma == pytest.approx(batch.sigma[i], rel=1e-3)
+        pr = single.predict(target)
+        width = pr.pi.high - pr.pi.low
+        assert abs(pr.mean - bp.mean[i]) <= 0.01 * width
+        assert abs(pr.pi.low - bp.pi_low[i]) <= 0.02 * width
+        assert abs(pr.ci.high - bp.ci_high[i]) <= 0.02 * width
+        assert batch.fit(i).ok
+
+
+def test_batched_fit_handles_ragged_and_bad_rows() -> None:
+    steps, values = _random_curves(5, seed=21)
+    values = values.copy()
+    values[1, 10] = np.nan  # a NaN inside a curve: no fit for that row only
+    values[2] = 2.0  # constant
+    counts = np.array([30, 30, 30, 3, 12])
+    batch = fit_many(steps, values, counts)
+    assert list(batch.ok) == [True, False, False, False, True]
+    assert "non-finite" in (batch.reason[1] or "")
+    assert "constant" in (batch.reason[2] or "")
+    assert "fewer than 4" in (batch.reason[3] or "")
+    short = fit_power_law(steps[4, :12], values[4, :12])
+    assert batch.bpb_inf[4] == pytest.approx(short.bpb_inf, abs=1e-3)
+    pred = batch.predict(np.full(5, 20_000.0))
+    assert np.isnan(pred.mean[1:4]).all() and np.isfinite(pred.mean[[0, 4]]).all()
+
+
+def test_batched_fit_nan_padding_equals_counts() -> None:
+    steps, values = _random_curves(4, seed=22)
+    counts = np.array([30, 20, 8, 2])
+    padded_t = steps.copy()
+    padded_v = values.copy()
+    for i, c in enumerate(counts):
+        padded_t[i, c:] = np.nan
+        padded_v[i, c:] = np.nan
+    a = fit_many(padded_t, padded_v)
+    b = fit_many(steps, values, counts)
+    assert list(a.ok) == list(b.ok)
+    np.testing.assert_allclose(a.bpb_inf[a.ok], b.bpb_inf[b.ok])
+    np.testing.assert_array_equal(a.n, b.n)
