@@ -252,3 +252,26 @@ async def test_make_backend_builds_a_working_railway_backend(fake: FakeRailway, 
         make_backend("railway", "acc1", project_id="p", environment_id="e")
     with pytest.raises(ConfigError, match="unknown backend"):
         make_backend("k8s", "acc1")
+
+
+@pytest.mark.parametrize(
+    ("message", "kind", "maybe_applied"),
+    [
+        ("Not Authorized", NotAuthorized, None),
+        ('A service named "x" already exists in this project', NameTaken, None),
+        ("Service not found", PermanentBackendError, None),
+        ("You have hit the rate limit", "retry", False),
+        ("Internal server error, try again", "retry", True),
+        ("Cannot query field 'nope' on type 'Query'.", PermanentBackendError, None),
+    ],
+)
+def test_graphql_errors_are_typed_by_message(
+    message: str, kind: object, maybe_applied: object
+) -> None:
+    from gardener.backends.railway.client import _graphql_error, _Retryable
+
+    err = _graphql_error("Op", [{"message": message}])
+    if kind == "retry":
+        assert isinstance(err, _Retryable) and err.maybe_applied is maybe_applied
+    else:
+        assert isinstance(err, kind)  # type: ignore[arg-type]

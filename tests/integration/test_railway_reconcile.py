@@ -444,3 +444,22 @@ async def test_trainer_services_from_templates(project: Project) -> None:
     with pytest.raises(ConfigError, match="GARDENER_INGEST_TOKEN_ACC1"):
         trainer_spec(canons[0], "acc1", {}, http, environ={})
     await backend.aclose()
+
+
+async def test_a_service_deleted_behind_our_back_is_created_again(project: Project) -> None:
+    from gardener.backends.base import TemporaryBackendError
+
+    backend = project.backend()
+    desired = race(1)
+    await converge(desired, backend)
+    await backend.stop(desired[0].canon_name)
+    await backend.observe()  # the cache now says: exists, stopped
+    svc = project.fake.service_by_name(service_name(desired[0].canon_name), project.ids[0])
+    assert svc is not None
+    with project.fake.lock:
+        del project.fake.projects[project.ids[0]].services[svc.id]
+    with pytest.raises(TemporaryBackendError, match="vanished"):
+        await backend.ensure(desired[0])
+    await converge(desired, backend)
+    assert project.canon_counts() == Counter({desired[0].canon_name: 1})
+    await backend.aclose()

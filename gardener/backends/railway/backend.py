@@ -243,8 +243,12 @@ class RailwayBackend:
                 return EnsureOutcome.UNCHANGED
             sid, previous = known.service_id, known.deployment_id
             outcome = EnsureOutcome.DEPLOYED
-        await self._configure(sid, spec)
-        await self._deploy(sid, previous)
+        try:
+            await self._configure(sid, spec)
+            await self._deploy(sid, previous)
+        except NotFound:  # deleted behind our back since we looked: forget it, create next pass
+            self._forget(sid)
+            raise TemporaryBackendError(f"{spec.canon_name}: service vanished", 0.0) from None
         log_.info("railway_service_ensured", service_id=sid, outcome=outcome.value)
         return outcome
 
@@ -359,14 +363,18 @@ class RailwayBackend:
             )
         except NotFound:
             pass
-        sid = known.service_id
+        self._forget(known.service_id)
+        self._log.info("railway_service_removed", canon_name=canon_name)
+        return True
+
+    def _forget(self, sid: str) -> None:
         self._owners.pop(sid, None)
         self._pending.pop(sid, None)
         self._vars_fp.pop(sid, None)
         self._inst_fp.pop(sid, None)
-        self._states.pop(known.service_name, None)
-        self._log.info("railway_service_removed", canon_name=canon_name)
-        return True
+        for name, state in list(self._states.items()):
+            if state.service_id == sid:
+                del self._states[name]
 
     # ---- logs ----------------------------------------------------------------------------
     async def tail(self, canon_name: str, cursor: str | None = None) -> list[LogLine]:

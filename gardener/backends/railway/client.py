@@ -104,8 +104,9 @@ class _Retryable(Exception):
 
 
 _TEMPORARY_MESSAGE = re.compile(
-    r"internal|try again|timed? ?out|temporar|unavailable|rate limit|too many|overloaded", re.I
+    r"internal|try again|timed? ?out|temporar|unavailable|overload", re.I
 )
+_RATE_LIMITED = re.compile(r"rate limit|too many requests", re.I)
 _NOT_FOUND = re.compile(r"not found|does not exist|no such", re.I)
 
 
@@ -285,6 +286,8 @@ def _graphql_error(operation: str, errors: Any) -> Exception:
         return NotAuthorized(f"{operation}: {text}")
     if "already exists" in text:
         return NameTaken(f"{operation}: {text}")
+    if _RATE_LIMITED.search(text):  # refused, so not applied
+        return _Retryable(text, outcome="rate_limited", maybe_applied=False)
     if _TEMPORARY_MESSAGE.search(text):
         return _Retryable(text, outcome="graphql_error")
     if _NOT_FOUND.search(text):
