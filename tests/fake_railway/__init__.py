@@ -31,7 +31,7 @@ def make_backend(
     *,
     account: str = "acc1",
     budget_per_hour: int = 100_000,
-    timeout: float = 0.5,
+    timeout: float = 1.0,
     deploy_grace: float = 0.5,
     **client_kw: object,
 ) -> RailwayBackend:

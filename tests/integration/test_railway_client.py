@@ -29,7 +29,7 @@ _tokens = itertools.count()
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeRailway]:
-    with FakeRailway(timeout_sleep=0.7, retry_after=3) as server:
+    with FakeRailway(timeout_sleep=1.3, retry_after=3) as server:
         yield server
 
 
@@ -44,7 +44,7 @@ class Env:
             self.sleeps.append(delay)
             await asyncio.sleep(0)
 
-        kw.setdefault("timeout", 0.5)
+        kw.setdefault("timeout", 1.0)
         kw.setdefault("sleep", sleep)
         kw.setdefault("rng", random.Random(1))
         return RailwayClient(self.token, base_url=kw.pop("url"), label="railway-client-test", **kw)

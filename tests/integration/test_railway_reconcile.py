@@ -30,7 +30,7 @@ _n = itertools.count()
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeRailway]:
-    with FakeRailway(step_seconds=0.005, visibility_delay=0.02, timeout_sleep=0.7) as server:
+    with FakeRailway(step_seconds=0.005, visibility_delay=0.02, timeout_sleep=1.3) as server:
         yield server
 
 
@@ -247,20 +247,34 @@ async def test_a_step_budget_defers_the_rest(project: Project) -> None:
 
 
 async def test_a_deploy_not_yet_visible_is_not_repeated(fake: FakeRailway) -> None:
-    slow = FakeRailway(visibility_delay=0.5, step_seconds=0.01)
+    slow = FakeRailway(visibility_delay=2.0, step_seconds=0.01)
     with slow:
         project = Project(slow)
-        backend = project.backend()
+        backend = project.backend(deploy_grace=30.0)
         desired = race(2)
         await reconcile_once(desired, backend)
-        for _ in range(3):
+        t0 = time.monotonic()
+        passes = 0
+        while time.monotonic() - t0 < 1.5:  # well inside the 2 s the fake hides them
             report = await reconcile_once(desired, backend)
             assert report.results == []
-            states = await backend.observe()
-            assert all(s.status is Status.PENDING for s in states)
+            raw = {s.raw_status for s in await backend.observe()}
+            assert raw <= {"DEPLOY_REQUESTED", "QUEUED", "INITIALIZING", "BUILDING",
+                           "DEPLOYING", "SUCCESS"}
+            passes += 1
+            await asyncio.sleep(0.05)
+        assert passes >= 2
         assert slow.requests_by_operation["ServiceDeploy"] == 2
-        await asyncio.sleep(0.6)
+
+        def all_running() -> bool:
+            return slow.requests_by_operation["ListServices"] > 0 and all(
+                s.variables and s.deployments and slow.visible(s.deployments[-1])
+                for s in slow.all_services()
+            )
+
+        await wait_until(all_running, within=10)
         assert all(s.status is Status.RUNNING for s in await backend.observe())
+        assert slow.requests_by_operation["ServiceDeploy"] == 2
         await backend.aclose()
 
 
