@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,21 +35,24 @@ def make_curves(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(steps, (n, m)).copy(), values
 
 
-def timed(fn: object, repeats: int) -> list[float]:
-    out = []
+def timed(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of each run (CPU time is less disturbed by other load)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
-        out.append(time.perf_counter() - t0)
-    return out
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
     m = int(sys.argv[2]) if len(sys.argv) > 2 else 50
     steps, values = make_curves(n, m)
-    cal = timed(lambda: fit_many(steps, values), REPEATS)
-    plain = timed(lambda: fit_many(steps, values, calibrate=False), REPEATS)
+    load_before = os.getloadavg()[0]
+    cal, cal_cpu = timed(lambda: fit_many(steps, values), REPEATS)
+    plain, plain_cpu = timed(lambda: fit_many(steps, values, calibrate=False), REPEATS)
     batch = fit_many(steps, values)
     target = 2 * steps[0, -1]
     bp = batch.predict(target)
@@ -72,7 +76,9 @@ def main() -> None:
         "seconds": best,
         "seconds_median": float(np.median(cal)),
         "curves_per_second": n / best,
+        "cpu_seconds": min(cal_cpu),
         "seconds_plain_delta": min(plain),
+        "cpu_seconds_plain_delta": min(plain_cpu),
         "ok_share": float(batch.ok.mean()),
         "single_fit_seconds_each": single_s,
         "agreement": {
@@ -83,7 +89,8 @@ def main() -> None:
             "max_abs_diff_pred_2x_horizon": max(d_pred, default=None),
             "max_abs_diff_pi_width_2x_horizon": max(d_pi, default=None),
         },
-        "load_average": os.getloadavg()[0],
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }, indent=2))
 
