@@ -98,29 +98,35 @@ class _Job:
 
 @dataclass
 class _Batch:
-    """The arrays of one write, built from many jobs."""
+    """One write, built from many jobs: per sample row its sample, where it came from and its
+    trial (an index into the small ``names`` table), plus what to quarantine."""
 
+    jobs: list[_Job]
     results: list[list[ItemResult | None]]
-    names: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    bpbs: list[float] = field(default_factory=list)
-    tss: list[Any] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
-    accounts: list[str | None] = field(default_factory=list)
-    where: list[tuple[int, int]] = field(default_factory=list)  # (job, item) per sample row
-    samples: list[P.Sample] = field(default_factory=list)
-    # in-batch repeats of a (name, step): (job, item, first row, sample, source, account)
-    repeats: list[tuple[int, int, int, P.Sample, str, str | None]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # distinct canon names of the rows
+    seeds: list[int] = field(default_factory=list)  # their seeds
+    owners: list[str] = field(default_factory=list)  # their accounts
+    name_ix: dict[str, int] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # distinct sources
+    job_source: list[int] = field(default_factory=list)  # per job, 1-based into sources
+    rows: list[P.Sample] = field(default_factory=list)
+    row_name: list[int] = field(default_factory=list)  # 1-based into names
+    where: list[tuple[int, int]] = field(default_factory=list)  # (job, item) per row
+    # derived by finish()
+    row_step: list[int] = field(default_factory=list)
+    row_bpb: list[float] = field(default_factory=list)
+    row_ts: list[Any] | None = None  # None when no row carries a time
+    # in-batch repeats of a (name, step): (job, item, first row, sample)
+    repeats: list[tuple[int, int, int, P.Sample]] = field(default_factory=list)
     quarantine: list[tuple[str, str | None, str | None, str, str]] = field(default_factory=list)
     corpus: dict[str, tuple[str, str]] = field(default_factory=dict)
     rejected_codes: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
 
     def reject(
         self,
         j: int,
         i: int,
-        source: str,
         account: str | None,
         name: str | None,
         raw: str,
@@ -130,9 +136,92 @@ class _Batch:
         reason = P.safe_text(reason)
         self.results[j][i] = ItemResult(REJECTED, reason, code)
         self.quarantine.append(
-            (source, account, None if name is None else P.safe_text(name), P.safe_text(raw), reason)
+            (
+                self.jobs[j].source,
+                account,
+                None if name is None else P.safe_text(name),
+                P.safe_text(raw),
+                reason,
+            )
         )
         self.rejected_codes[code] += 1
+
+    def index(self, name: str, trial: tuple[int, str]) -> int:
+        """1-based index of a trial in the batch's table of names (an SQL array)."""
+        k = self.name_ix.get(name)
+        if k is None:
+            self.names.append(name)
+            self.seeds.append(trial[0])
+            self.owners.append(trial[1])
+            k = self.name_ix[name] = len(self.names)
+        return k
+
+    def finish(self, any_ts: bool) -> None:
+        rows = self.rows
+        self.row_step = [r.step for r in rows]
+        self.row_bpb = [r.bpb for r in rows]
+        if any_ts and any(r.ts is not None for r in rows):
+            self.row_ts = [r.ts for r in rows]
+
+    def conflict(self, j: int, i: int, r: int, sample: P.Sample, kept: float) -> None:
+        k = self.row_name[r] - 1
+        self.reject(
+            j,
+            i,
+            self.jobs[j].account or self.owners[k],
+            self.names[k],
+            sample.raw_text(),
+            P.STEP_CONFLICT,
+            _conflict(sample.step, kept, sample.bpb),
+        )
+
+    def row_sources(self) -> list[int]:
+        js = self.job_source
+        return [js[j] for j, _ in self.where]
+
+    def summary(self, skipped: list[int]) -> tuple[list[Any], ...]:
+        """Per trial, from the rows inserted: the highest step and its value, the lowest value."""
+        gone = {r - 1 for r in skipped}
+        last: dict[int, tuple[int, float, float]] = {}
+        for r, (k, step, bpb) in enumerate(
+            zip(self.row_name, self.row_step, self.row_bpb, strict=True)
+        ):
+            if gone and r in gone:
+                continue
+            cur = last.get(k)
+            if cur is None:
+                last[k] = (step, bpb, bpb)
+            else:
+                top, top_bpb, best = cur
+                if step > top:
+                    top, top_bpb = step, bpb
+                last[k] = (top, top_bpb, bpb if bpb < best else best)
+        ks = sorted(last)
+        return (
+            [self.names[k - 1] for k in ks],
+            [last[k][0] for k in ks],
+            [last[k][1] for k in ks],
+            [last[k][2] for k in ks],
+        )
+
+    def params(self) -> tuple[Any, ...]:
+        """The insert's parameters: the small tables as arrays, the rows as comma-joined text,
+        which costs the client a fraction of encoding six arrays element by element."""
+        ts = (
+            ",".join("" if t is None else t.isoformat() for t in self.row_ts)
+            if self.row_ts is not None
+            else None
+        )
+        return (
+            self.names,
+            self.seeds,
+            self.sources,
+            ",".join(map(str, self.row_name)),
+            ",".join(map(str, self.row_step)),
+            ",".join(map(repr, self.row_bpb)),
+            ts,
+            ",".join(map(str, self.row_sources())),
+        )
 
 
 class WriterClosed(RuntimeError):
@@ -302,7 +391,7 @@ class SampleWriter:
             await self._resolve_trials(conn, jobs)
             batch = self._build(jobs)
             async with conn.transaction():
-                inserted = await self._insert(conn, batch)
+                inserted, max_id = await self._insert(conn, batch)
                 if batch.quarantine:
                     cols = list(zip(*batch.quarantine, strict=True))
                     await conn.execute(Q.quarantine, *cols)
@@ -315,24 +404,21 @@ class SampleWriter:
                         [batch.corpus[n][1] for n in names],
                     )
                 if inserted:
-                    payload = json.dumps(
-                        {"max_id": max(r[0] for r in inserted), "count": len(inserted)}
-                    )
+                    payload = json.dumps({"max_id": max_id, "count": inserted})
                     await conn.execute(Q.notify_samples, payload)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(elapsed)
         metrics.BATCH_ITEMS.observe(sum(len(j.items) for j in jobs))
-        metrics.SAMPLES_ACCEPTED.inc(len(inserted))
+        metrics.SAMPLES_ACCEPTED.inc(inserted)
         for code, n in batch.rejected_codes.items():
             metrics.SAMPLES_REJECTED.labels(code).inc(n)
-        duplicates = sum(1 for res in batch.results for r in res if r is R_DUPLICATE)
-        if duplicates:
-            metrics.SAMPLES_DUPLICATE.inc(duplicates)
+        if batch.duplicates:
+            metrics.SAMPLES_DUPLICATE.inc(batch.duplicates)
         if batch.corpus:
             metrics.CORPUS_REPORTS.inc(len(batch.corpus))
         if batch.rejected_codes:
             log.info("ingest.rejected", counts=dict(batch.rejected_codes))
-        log.debug("ingest.batch", accepted=len(inserted), seconds=round(elapsed, 4))
+        log.debug("ingest.batch", accepted=inserted, seconds=round(elapsed, 4))
         out: list[list[ItemResult]] = []
         for res in batch.results:
             assert all(r is not None for r in res)
@@ -352,139 +438,180 @@ class SampleWriter:
                 self._trials[row["canon_name"]] = (int(row["seed"]), row["account"])
 
     def _build(self, jobs: list[_Job]) -> _Batch:
-        batch = _Batch(results=[[None] * len(j.items) for j in jobs])
+        batch = _Batch(jobs=jobs, results=[[None] * len(j.items) for j in jobs])
         first: dict[tuple[str, int], int] = {}
         trials = self._trials
+        sample_cls = P.Sample
+        rows, row_name, where = batch.rows, batch.row_name, batch.where
+        source_ix: dict[str, int] = {}
+        any_ts = False
         for j, job in enumerate(jobs):
-            res = batch.results[j]
-            source, account = job.source, job.account
-            single = job.names if isinstance(job.names, str) else None
-            trial = trials.get(single) if single is not None else None
+            s = source_ix.get(job.source)
+            if s is None:
+                batch.sources.append(job.source)
+                s = source_ix[job.source] = len(batch.sources)
+            batch.job_source.append(s)
+            account = job.account
+            if isinstance(job.names, str):
+                # One trial for every item (a log tail): decide the trial once.
+                name = job.names
+                trial = trials.get(name)
+                if trial is None or (account is not None and trial[1] != account):
+                    for i, item in enumerate(job.items):
+                        self._other(batch, j, i, item, name, trial, account)
+                    continue
+                k = batch.index(name, trial)
+                for i, item in enumerate(job.items):
+                    if type(item) is sample_cls:
+                        key = (name, item.step)
+                        r = first.get(key)
+                        if r is not None:
+                            batch.repeats.append((j, i, r, item))
+                            continue
+                        first[key] = len(rows)
+                        rows.append(item)
+                        row_name.append(k)
+                        where.append((j, i))
+                    else:
+                        self._other(batch, j, i, item, name, trial, account)
+                continue
+            any_ts = True
             for i, item in enumerate(job.items):
-                if item is None:
-                    res[i] = R_IGNORED
-                    continue
-                if isinstance(item, P.Done):
-                    res[i] = R_DONE
-                    continue
-                name = single if single is not None else job.name(i)
-                if single is None:
-                    trial = trials.get(name) if name is not None else None
-                owner = account if account is not None else (trial[1] if trial else None)
-                if isinstance(item, P.Rejected):
-                    batch.reject(j, i, source, owner, name, item.raw, item.code, item.reason)
-                    continue
-                if trial is None:
-                    batch.reject(
-                        j,
-                        i,
-                        source,
-                        owner,
-                        name,
-                        _raw_of(item),
-                        P.UNKNOWN_TRIAL,
-                        f"{P.UNKNOWN_TRIAL}: no trial {name!r} in the ledger",
-                    )
-                    continue
-                if account is not None and trial[1] != account:
-                    batch.reject(
-                        j,
-                        i,
-                        source,
-                        owner,
-                        name,
-                        _raw_of(item),
-                        P.CROSS_ACCOUNT,
-                        f"{P.CROSS_ACCOUNT}: {name} belongs to {trial[1]}, not {account}",
-                    )
-                    continue
-                assert name is not None
-                if isinstance(item, P.CorpusReport):
-                    batch.corpus[name] = (item.corpus, item.sha256)
-                    res[i] = R_CORPUS
-                    continue
-                key = (name, item.step)
-                row = first.get(key)
-                if row is not None:
-                    batch.repeats.append((j, i, row, item, source, owner))
-                    continue
-                first[key] = len(batch.names)
-                batch.names.append(name)
-                batch.seeds.append(trial[0])
-                batch.steps.append(item.step)
-                batch.bpbs.append(item.bpb)
-                batch.tss.append(item.ts)
-                batch.sources.append(source)
-                batch.accounts.append(owner)
-                batch.samples.append(item)
-                batch.where.append((j, i))
+                name_i = job.names[i]
+                trial = trials.get(name_i) if name_i is not None else None
+                if (
+                    type(item) is sample_cls
+                    and trial is not None
+                    and name_i is not None
+                    and (account is None or trial[1] == account)
+                ):
+                    key = (name_i, item.step)
+                    r = first.get(key)
+                    if r is not None:
+                        batch.repeats.append((j, i, r, item))
+                        continue
+                    first[key] = len(rows)
+                    rows.append(item)
+                    row_name.append(batch.index(name_i, trial))
+                    where.append((j, i))
+                else:
+                    self._other(batch, j, i, item, name_i, trial, account)
+        batch.finish(any_ts)
         return batch
 
-    async def _insert(self, conn: asyncpg.Connection, batch: _Batch) -> list[Any]:
-        """Insert the batch's samples; settle skipped ones and in-batch repeats. Returns the
-        inserted rows (id, canon_name, step)."""
-        if not batch.names:
-            return []
-        inserted = await conn.fetch(
-            Q.insert_samples,
-            batch.names,
-            batch.seeds,
-            batch.steps,
-            batch.bpbs,
-            batch.tss,
-            batch.sources,
-        )
-        n = len(batch.names)
-        kept: list[float] = batch.bpbs  # the value each row's (name, step) holds after this batch
-        if len(inserted) == n:
-            for j, i in batch.where:
-                batch.results[j][i] = R_ACCEPTED
+    @staticmethod
+    def _other(
+        batch: _Batch,
+        j: int,
+        i: int,
+        item: P.Parsed,
+        name: str | None,
+        trial: tuple[int, str] | None,
+        account: str | None,
+    ) -> None:
+        """Everything but an acceptable sample: ignored lines, reports, refusals."""
+        res = batch.results[j]
+        if item is None:
+            res[i] = R_IGNORED
+            return
+        if isinstance(item, P.Done):
+            res[i] = R_DONE
+            return
+        owner = account if account is not None else (trial[1] if trial else None)
+        if isinstance(item, P.Rejected):
+            batch.reject(j, i, owner, name, item.raw, item.code, item.reason)
+            return
+        if trial is None:
+            why = f"{P.UNKNOWN_TRIAL}: no trial {name!r} in the ledger"
+            batch.reject(j, i, owner, name, _raw_of(item), P.UNKNOWN_TRIAL, why)
+            return
+        if account is not None and trial[1] != account:
+            why = f"{P.CROSS_ACCOUNT}: {name} belongs to {trial[1]}, not {account}"
+            batch.reject(j, i, owner, name, _raw_of(item), P.CROSS_ACCOUNT, why)
+            return
+        assert name is not None and isinstance(item, P.CorpusReport)
+        batch.corpus[name] = (item.corpus, item.sha256)
+        res[i] = R_CORPUS
+
+    async def _insert(self, conn: asyncpg.Connection, batch: _Batch) -> tuple[int, int | None]:
+        """Insert the batch's samples and their trials' summary; settle skipped ones and
+        in-batch repeats. Returns how many rows were inserted and the highest new id.
+
+        Fast path: one COPY into bpb_samples inside a savepoint (about twice the speed of
+        ``INSERT ... ON CONFLICT``). If any (canon_name, seed, step) is already stored the COPY
+        fails as a whole and the batch goes through ``insert_samples``, which skips those rows.
+        """
+        n = len(batch.where)
+        kept: list[float] = batch.row_bpb  # the value each row's (name, step) holds afterwards
+        skipped: list[int] = []
+        if not n:
+            inserted, max_id = 0, None
         else:
-            done = {(r["canon_name"], r["step"]) for r in inserted}
-            skipped = [k for k in range(n) if (batch.names[k], batch.steps[k]) not in done]
+            try:
+                async with conn.transaction():
+                    await self._copy(conn, batch)
+                inserted = n
+                max_id = await conn.fetchval(Q.last_sample_id)
+            except asyncpg.UniqueViolationError:
+                row = await conn.fetchrow(Q.insert_samples, *batch.params())
+                assert row is not None
+                inserted, max_id, skipped = row["inserted"], row["max_id"], row["skipped"]
+            if inserted:
+                await conn.execute(Q.update_summaries, *batch.summary(skipped))
+        results = batch.results
+        if not skipped:
+            for j, i in batch.where:
+                results[j][i] = R_ACCEPTED
+        else:
+            rows = [r - 1 for r in skipped]
             stored = await conn.fetch(
                 Q.existing_samples,
-                [batch.names[k] for k in skipped],
-                [batch.seeds[k] for k in skipped],
-                [batch.steps[k] for k in skipped],
+                [batch.names[batch.row_name[r] - 1] for r in rows],
+                [batch.seeds[batch.row_name[r] - 1] for r in rows],
+                [batch.row_step[r] for r in rows],
             )
-            existing = {skipped[r["i"] - 1]: float(r["bpb"]) for r in stored}
-            kept = list(batch.bpbs)
-            skipped_set = set(skipped)
-            for k, (j, i) in enumerate(batch.where):
-                if k not in skipped_set:
-                    batch.results[j][i] = R_ACCEPTED
+            existing = {rows[x["i"] - 1]: float(x["bpb"]) for x in stored}
+            kept = list(batch.row_bpb)
+            skipped_rows = set(rows)
+            for r, (j, i) in enumerate(batch.where):
+                if r not in skipped_rows:
+                    results[j][i] = R_ACCEPTED
                     continue
-                old = existing.get(k, batch.bpbs[k])
-                kept[k] = old
-                if old == batch.bpbs[k]:
-                    batch.results[j][i] = R_DUPLICATE
+                old = existing.get(r)
+                if old is None:  # the stored row is gone again (nothing deletes samples)
+                    results[j][i] = R_DUPLICATE
+                    batch.duplicates += 1
+                    continue
+                kept[r] = old
+                if old == batch.row_bpb[r]:
+                    results[j][i] = R_DUPLICATE
+                    batch.duplicates += 1
                 else:
-                    batch.reject(
-                        j,
-                        i,
-                        batch.sources[k],
-                        batch.accounts[k],
-                        batch.names[k],
-                        batch.samples[k].raw_text(),
-                        P.STEP_CONFLICT,
-                        _conflict(batch.steps[k], old, batch.bpbs[k]),
-                    )
-        for j, i, row, sample, source, owner in batch.repeats:
-            if kept[row] == sample.bpb:
-                batch.results[j][i] = R_DUPLICATE
+                    batch.conflict(j, i, r, batch.rows[r], old)
+        for j, i, r, sample in batch.repeats:
+            if kept[r] == sample.bpb:
+                results[j][i] = R_DUPLICATE
+                batch.duplicates += 1
             else:
-                batch.reject(
-                    j,
-                    i,
-                    source,
-                    owner,
-                    batch.names[row],
-                    sample.raw_text(),
-                    P.STEP_CONFLICT,
-                    _conflict(batch.steps[row], kept[row], sample.bpb),
-                )
-        return list(inserted)
+                batch.conflict(j, i, r, sample, kept[r])
+        return inserted, max_id
+
+    @staticmethod
+    async def _copy(conn: asyncpg.Connection, batch: _Batch) -> None:
+        names, seeds, sources = batch.names, batch.seeds, batch.sources
+        columns = ["canon_name", "seed", "step", "bpb", "source"]
+        rows = zip(batch.row_name, batch.row_step, batch.row_bpb, batch.row_sources(), strict=True)
+        records: list[tuple[Any, ...]]
+        if batch.row_ts is not None:
+            now = await conn.fetchval("SELECT now()")
+            columns.append("ts")
+            records = [
+                (names[k - 1], seeds[k - 1], st, b, sources[s - 1], now if t is None else t)
+                for (k, st, b, s), t in zip(rows, batch.row_ts, strict=True)
+            ]
+        else:
+            records = [(names[k - 1], seeds[k - 1], st, b, sources[s - 1]) for k, st, b, s in rows]
+        await conn.copy_records_to_table("bpb_samples", records=records, columns=columns)
 
 
 def _conflict(step: int, kept: float, new: float) -> str:
