@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from gardener.core import canon
 from gardener.ingest import parse as P
@@ -158,6 +159,36 @@ async def test_a_conflicting_value_is_quarantined_and_the_first_kept(
             "(the first value is kept)",
         ),
     ]
+
+
+async def test_a_refused_value_never_reaches_the_summary(
+    writer: SampleWriter, conn: asyncpg.Connection
+) -> None:
+    await writer.submit_lines(T1, ["step=10 BPB=2.5000", "step=30 BPB=2.4000"], "tail")
+    before = _metrics()
+    res = await writer.submit_lines(
+        T1,
+        ["step=30 BPB=1.0000", "step=40 BPB=9.0000", "step=40 BPB=0.5000", "step=20 BPB=2.3000"],
+        "tail",
+    )
+    assert [r.status for r in res.items] == ["rejected", "accepted", "rejected", "accepted"]
+    row = await conn.fetchrow("SELECT * FROM igla_race_trials WHERE canon_name = $1", T1)
+    assert (row["last_step"], row["last_bpb"], row["best_bpb"]) == (40, 9.0, 2.3)
+    after = _metrics()
+    assert after["accepted"] - before["accepted"] == 2
+    assert after["conflict"] - before["conflict"] == 2
+    assert after["batches"] - before["batches"] == 1
+
+
+def _metrics() -> dict[str, float]:
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    return {
+        "accepted": value("gardener_samples_accepted_total"),
+        "conflict": value("gardener_samples_rejected_total", {"reason": "step_conflict"}),
+        "batches": value("gardener_ingest_batch_seconds_count"),
+    }
 
 
 async def test_one_notify_per_batch_with_the_max_id(
