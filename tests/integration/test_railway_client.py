@@ -165,6 +165,8 @@ async def test_a_create_after_429_is_retried(fake: FakeRailway, env: Env) -> Non
         "projectId": env.project_id, "environmentId": env.environment_id, "name": "gd-y-1",
     }})
     assert data["serviceCreate"]["name"] == "gd-y-1"
+    assert env.sleeps == [3.0]
+    await client.aclose()
 
 
 async def test_names_over_32_characters_are_refused(fake: FakeRailway, env: Env) -> None:
