@@ -348,14 +348,20 @@ async def smoke_done(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
 
 
 async def record_verdict(
-    conn: asyncpg.Connection, race: str, criteria: Sequence[Criterion], *, by: str = "smoke-race"
+    conn: asyncpg.Connection,
+    race: str,
+    criteria: Sequence[Criterion],
+    *,
+    by: str = "smoke-race",
+    timings: dict[str, float] | None = None,
 ) -> bool:
     """Write the race's verdict decision and status: SMOKE_DONE only when all are GREEN."""
     red = [c.number for c in criteria if not c.green]
     ok = not red
     reason = (f"{SMOKE_DONE}: all {len(criteria)} checked criteria GREEN" if ok
               else f"SMOKE FAILED: criteria {', '.join(map(str, red))} RED")
-    numbers = {"smoke_done": ok, "criteria": [c.to_dict() for c in criteria]}
+    numbers = {"smoke_done": ok, "criteria": [c.to_dict() for c in criteria],
+               "timings": {k: round(v, 2) for k, v in (timings or {}).items()}}
     async with conn.transaction():
         await conn.fetchval(Q.insert_race_verdict, race, numbers, reason, by)
         await conn.execute(Q.set_race_status, race, "done" if ok else "failed")

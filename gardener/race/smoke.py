@@ -434,7 +434,8 @@ async def run_smoke(
         phase[0] = "criteria"
         observed = await observe() if observe is not None else None
         results = await crit.evaluate(conn, ctx, probes, observed=observed)
-        ok = await crit.record_verdict(conn, race, results)
+        timings["checked_s"] = clock() - t0
+        ok = await crit.record_verdict(conn, race, results, timings=timings)
         results.append(await crit.smoke_done(conn, ctx))
         timings["total_s"] = clock() - t0
         result = SmokeResult(race, cfg.account, planned, results, ok and results[-1].green, timings)
