@@ -185,6 +185,7 @@ class ReconcileReport:
 
     backend: str
     observed: int = 0
+    states: list[ServiceState] = field(default_factory=list)  # what observe() returned
     planned: list[Step] = field(default_factory=list)
     results: list[StepResult] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
@@ -248,6 +249,7 @@ async def reconcile_once(
         log.warning("reconcile_observe_failed", backend=backend.kind, error=str(exc))
         return report
     report.observed = len(observed)
+    report.states = list(observed)
     report.adopted = sorted(s.canon_name for s in observed if s.adopted and s.canon_name)
     name_of = getattr(backend, "service_name_of", None)
     steps = plan(desired, observed, prune_orphans=prune_orphans, name_of=name_of)

@@ -477,3 +477,20 @@ async def test_a_service_deleted_behind_our_back_is_created_again(project: Proje
     await converge(desired, backend)
     assert project.canon_counts() == Counter({desired[0].canon_name: 1})
     await backend.aclose()
+
+
+async def test_a_failed_marker_read_fails_the_observe_with_a_typed_error(project: Project) -> None:
+    from gardener.backends.base import TemporaryBackendError
+
+    desired = race(6)
+    first = project.backend()
+    await converge(desired, first)
+    await first.aclose()
+    fresh = project.backend(max_attempts=1)  # a restart: every marker is read again
+    project.fake.push_fault("500", "ServiceVariables")
+    with pytest.raises(TemporaryBackendError):
+        await fresh.observe()
+    report = await reconcile_once(desired, fresh)  # the next pass reads the rest and goes on
+    assert report.observe_error is None and report.converged
+    assert len(report.states) == 6 and all(s.owned for s in report.states)
+    await fresh.aclose()

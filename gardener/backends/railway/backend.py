@@ -158,6 +158,7 @@ class RailwayBackend:
             if not conn["pageInfo"]["hasNextPage"]:
                 break
             after = conn["pageInfo"]["endCursor"]
+        await self._learn_owners(nodes)
         now = self._clock()
         states = [await self._state(node, now) for node in nodes]
         self._states = {s.service_name: s for s in states}
@@ -189,6 +190,20 @@ class RailwayBackend:
             canon_name=canon, service_name=name, service_id=sid, status=status,
             raw_status=raw or "NO_DEPLOYMENT", owned=canon is not None, deployment_id=dep_id,
         )
+
+    async def _learn_owners(self, nodes: list[dict[str, Any]]) -> None:
+        """Read the marker of every unknown service with our name shape, a few at a time."""
+        unknown = [n for n in nodes if n["serviceId"] not in self._owners]
+        gate = asyncio.Semaphore(4)
+
+        async def one(node: dict[str, Any]) -> None:
+            async with gate:
+                await self._owner(node["serviceId"], node["serviceName"])
+
+        results = await asyncio.gather(*(one(n) for n in unknown), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the first failure, typed as the client raised it
 
     async def _owner(self, service_id: str, name: str) -> str | None:
         """The canon name if the service carries our marker for this account, else None."""
