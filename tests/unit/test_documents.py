@@ -38,7 +38,7 @@ def test_document_validates(schema: graphql.GraphQLSchema, name: str) -> None:
 
 
 def test_the_validator_rejects_a_bad_document(schema: graphql.GraphQLSchema) -> None:
-    """The check above can fail: Railway's own doc example of deploymentRollback does not validate."""
+    """The check can fail: Railway's own deploymentRollback example does not validate."""
     bad = graphql.parse('mutation { deploymentRollback(id: "x") { id } }')
     assert graphql.validate(schema, bad)
 
