@@ -38,6 +38,7 @@ from gardener.ledger.queries import Queries
 
 Q = Queries("ingest.sql")
 CHANNEL = "gardener_samples"
+DEADLOCK_ATTEMPTS = 3
 log = structlog.get_logger("gardener.ingest")  # lazy: honours logs.configure() made later
 
 ACCEPTED = "accepted"
@@ -122,6 +123,7 @@ class _Batch:
     corpus: dict[str, tuple[str, str]] = field(default_factory=dict)
     rejected_codes: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
+    skipped: list[int] = field(default_factory=list)  # 1-based rows the insert skipped
 
     def reject(
         self,
@@ -179,9 +181,9 @@ class _Batch:
         js = self.job_source
         return [js[j] for j, _ in self.where]
 
-    def summary(self, skipped: list[int]) -> tuple[list[Any], ...]:
+    def summary_params(self) -> tuple[list[Any], ...]:
         """Per trial, from the rows inserted: the highest step and its value, the lowest value."""
-        gone = {r - 1 for r in skipped}
+        gone = {r - 1 for r in self.skipped}
         last: dict[int, tuple[int, float, float]] = {}
         for r, (k, step, bpb) in enumerate(
             zip(self.row_name, self.row_step, self.row_bpb, strict=True)
@@ -387,25 +389,16 @@ class SampleWriter:
 
     async def _write(self, jobs: list[_Job]) -> list[list[ItemResult]]:
         started = time.perf_counter()
-        async with self._pool.acquire() as conn:
-            await self._resolve_trials(conn, jobs)
-            batch = self._build(jobs)
-            async with conn.transaction():
-                inserted, max_id = await self._insert(conn, batch)
-                if batch.quarantine:
-                    cols = list(zip(*batch.quarantine, strict=True))
-                    await conn.execute(Q.quarantine, *cols)
-                if batch.corpus:
-                    names = list(batch.corpus)
-                    await conn.execute(
-                        Q.record_corpus,
-                        names,
-                        [batch.corpus[n][0] for n in names],
-                        [batch.corpus[n][1] for n in names],
-                    )
-                if inserted:
-                    payload = json.dumps({"max_id": max_id, "count": inserted})
-                    await conn.execute(Q.notify_samples, payload)
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                batch, inserted = await self._write_once(jobs)
+                break
+            except asyncpg.DeadlockDetectedError:
+                # Another transaction locked trial rows in another order; ours was rolled
+                # back whole, and writing the batch again is idempotent.
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.warning("ingest.deadlock_retry", attempt=attempt)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(elapsed)
         metrics.BATCH_ITEMS.observe(sum(len(j.items) for j in jobs))
@@ -424,6 +417,36 @@ class SampleWriter:
             assert all(r is not None for r in res)
             out.append(res)  # type: ignore[arg-type]
         return out
+
+    async def _write_once(self, jobs: list[_Job]) -> tuple[_Batch, int]:
+        async with self._pool.acquire() as conn:
+            await self._resolve_trials(conn, jobs)
+            batch = self._build(jobs)
+            async with conn.transaction():
+                inserted, max_id = await self._insert(conn, batch)
+                if batch.quarantine:
+                    cols = list(zip(*batch.quarantine, strict=True))
+                    await conn.execute(Q.quarantine, *cols)
+                # Trial rows last and in name order, so the row locks are held briefly and two
+                # writers (leader and standby both ingest) cannot deadlock each other.
+                summary = batch.summary_params() if inserted else None
+                touched = sorted({*(summary[0] if summary else ()), *batch.corpus})
+                if touched:
+                    await conn.execute(Q.lock_trials, touched)
+                if summary is not None:
+                    await conn.execute(Q.update_summaries, *summary)
+                if batch.corpus:
+                    names = list(batch.corpus)
+                    await conn.execute(
+                        Q.record_corpus,
+                        names,
+                        [batch.corpus[n][0] for n in names],
+                        [batch.corpus[n][1] for n in names],
+                    )
+                if inserted:
+                    payload = json.dumps({"max_id": max_id, "count": inserted})
+                    await conn.execute(Q.notify_samples, payload)
+        return batch, inserted
 
     async def _resolve_trials(self, conn: asyncpg.Connection, jobs: list[_Job]) -> None:
         wanted: set[str] = set()
@@ -556,8 +579,7 @@ class SampleWriter:
                 row = await conn.fetchrow(Q.insert_samples, *batch.params())
                 assert row is not None
                 inserted, max_id, skipped = row["inserted"], row["max_id"], row["skipped"]
-            if inserted:
-                await conn.execute(Q.update_summaries, *batch.summary(skipped))
+            batch.skipped = skipped
         results = batch.results
         if not skipped:
             for j, i in batch.where:

@@ -304,3 +304,42 @@ async def test_a_full_batch_is_written_without_waiting_for_the_latency(
         lines = [f"step={s} BPB=2.5000" for s in range(100)]
         res = await asyncio.wait_for(w.submit_lines(T1, lines, "t"), 10)
         assert res.count("accepted") == 100
+
+
+async def test_two_writers_at_once_store_each_sample_once(
+    db_dsn: str, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Leader and standby both ingest: the same lines through two writers land once each."""
+    from gardener.ledger import db
+
+    await _admit(conn)
+    other_pool = await db.create_pool(db_dsn, min_size=1, max_size=2)
+    try:
+        async with (
+            SampleWriter(pool, max_latency=0.001) as w1,
+            SampleWriter(other_pool, max_latency=0.001) as w2,
+        ):
+            chunks = {
+                name: [
+                    [f"step={s} BPB=2.{s:04d}" for s in range(k, k + 50)] for k in range(0, 500, 50)
+                ]
+                for name in (T1, T2)
+            }
+
+            async def feed(w: SampleWriter, name: str) -> list[str]:
+                out: list[str] = []
+                for chunk in chunks[name]:
+                    out += [r.status for r in (await w.submit_lines(name, chunk, "tail")).items]
+                return out
+
+            results = await asyncio.gather(feed(w1, T1), feed(w2, T1), feed(w1, T2), feed(w2, T2))
+        for a, b in (results[0:2], results[2:4]):
+            assert all({x, y} == {"accepted", "duplicate"} for x, y in zip(a, b, strict=True))
+        assert await conn.fetchval("SELECT count(*) FROM bpb_samples") == 1000
+        assert await conn.fetchval("SELECT count(*) FROM sample_quarantine") == 0
+        rows = await conn.fetch(
+            "SELECT last_step, best_bpb FROM igla_race_trials WHERE last_step IS NOT NULL"
+        )
+        assert sorted(tuple(r) for r in rows) == [(499, 2.0), (499, 2.0)]
+    finally:
+        await other_pool.close()

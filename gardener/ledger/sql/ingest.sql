@@ -41,6 +41,10 @@ FROM counts c
 -- The id this session's COPY assigned last.
 SELECT currval(pg_get_serial_sequence('bpb_samples', 'id'))
 
+-- name: lock_trials
+-- The trial rows a batch updates, locked in name order (the writer passes them sorted).
+SELECT 1 FROM igla_race_trials WHERE canon_name = ANY($1::text[]) ORDER BY canon_name FOR UPDATE
+
 -- name: update_summaries
 -- Per trial, from the rows just inserted: $2 the highest step, $3 its BPB, $4 the lowest BPB.
 -- A re-delivered sample changes nothing, not even last_sample_at; last_step and last_bpb
