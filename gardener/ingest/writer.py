@@ -5,13 +5,17 @@ its items are committed and gets one ``ItemResult`` per item. A background task 
 pending calls into a batch (up to ``max_batch`` items, or whatever arrived within
 ``max_latency`` of the first) and writes it in one transaction:
 
-1. samples: one multi-row ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`` that
-   also updates the per-trial summary (last_step, last_bpb, best_bpb, last_sample_at);
-2. samples the insert skipped are compared with the stored value: equal is a re-delivery (a
-   no-op), different is a conflict (the first value stays, the new one is quarantined);
+1. samples: one COPY into bpb_samples inside a savepoint; if any (canon_name, seed, step) is
+   already stored the COPY fails whole and one ``INSERT ... SELECT FROM unnest ... ON CONFLICT
+   DO NOTHING`` writes the rest;
+2. samples that were skipped are compared with the stored value: equal is a re-delivery (a
+   no-op), different is a conflict (the first value stays, the new one is quarantined); a
+   step repeated inside one batch is settled the same way against the first occurrence;
 3. every rejection, verbatim with its reason, into sample_quarantine in one statement;
-4. corpus reports onto their trials; 5. one NOTIFY on ``gardener_samples`` (``{"max_id", "count"}``)
-   when anything new was written.
+4. the per-trial summary (last_step, last_bpb, best_bpb, last_sample_at) from the inserted
+   rows and the corpus reports, on trial rows locked in name order (two writers cannot
+   deadlock; a deadlock with another updater retries the batch, which is idempotent);
+5. one NOTIFY on ``gardener_samples`` with ``{"max_id", "count"}`` when anything was inserted.
 
 The trial's seed and account come from the ledger (cached; a miss is looked up once per batch).
 A caller passing ``account`` (the HTTP path) may only write that account's trials.
