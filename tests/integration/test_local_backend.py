@@ -296,3 +296,48 @@ async def test_the_reference_trainer_runs_as_a_local_trial(backend: LocalBackend
     assert lines[0].startswith("corpus=stdlib sha256=")
     assert any(line.startswith("step=20 BPB=") for line in lines)
     assert lines[-1].startswith("DONE: bpb=")
+
+
+GARDENER_PROCESS = """
+import asyncio, sys
+from gardener.backends.base import ServiceSpec
+from gardener.backends.local import LocalBackend
+
+data_dir, script, canon = sys.argv[1:4]
+
+async def main():
+    backend = LocalBackend("acc1", data_dir)
+    spec = ServiceSpec(canon_name=canon, account="acc1", variables={"MODE": "sleep"},
+                       command=(sys.executable, script))
+    print((await backend.ensure(spec)).value, backend.records()[0].pid, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_trials_outlive_the_gardener_process_and_are_adopted(
+    backend: LocalBackend, script: Path, tmp_path: Path
+) -> None:
+    """A gardener process starts a trial and exits; the next one adopts it, then stops it."""
+    canon = "IGLA-PHI-FP32-SMOKE-seed777"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", GARDENER_PROCESS, str(tmp_path / "data"), str(script), canon,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    outcome, pid_text = out.decode().splitlines()[-1].split()  # after the log lines
+    pid = int(pid_text)
+    assert outcome == "created" and pid_alive(pid)  # the gardener is gone, the trial is not
+    spec_ = ServiceSpec(canon_name=canon, account="acc1", variables={"MODE": "sleep"},
+                        command=(sys.executable, str(script)))
+    report = await reconcile_once([spec_], backend)
+    assert report.adopted == [canon] and report.results == []
+    assert await backend.ensure(spec_) is EnsureOutcome.UNCHANGED
+    log_file = backend.state_dir / f"{service_name(canon)}.log"
+    await until(lambda: log_file.stat().st_size > 40)
+    lines = await backend.tail(canon)
+    assert lines[0].message.startswith(f"started {canon}")
+    assert await backend.stop(canon)
+    assert not pid_alive(pid)
+    assert await status_of(backend, canon) is Status.STOPPED
