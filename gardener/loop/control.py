@@ -17,15 +17,15 @@ from typing import Any
 
 import anyio
 import asyncpg
+import structlog
 
-from gardener import logs
 from gardener.errors import ConfigError
 from gardener.ledger import db
 from gardener.ledger.control import CONTROL_CHANNEL
 from gardener.loop import metrics
 
 SAMPLES_CHANNEL = "gardener_samples"
-log = logs.get_logger("gardener.loop.control")
+log = structlog.get_logger("gardener.loop.control")  # lazy: resolved after logs.configure
 
 
 class Wakeup:

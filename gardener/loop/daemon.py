@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 import asyncpg
+import structlog
 
-from gardener import logs
 from gardener.backends.base import Backend
 from gardener.errors import ConfigError, GardenerError
 from gardener.ledger import db
@@ -30,7 +30,7 @@ from gardener.loop.reconciler import LineSink, Reconciler
 from gardener.loop.tick import Ticker, TickReport
 from gardener.settings import Settings
 
-log = logs.get_logger("gardener.loop.daemon")
+log = structlog.get_logger("gardener.loop.daemon")  # lazy: resolved after logs.configure
 
 BackendFactory = Callable[[str], Backend]
 GRACE_S = 6.0  # of the 10 s a platform gives between SIGTERM and SIGKILL

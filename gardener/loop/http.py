@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -25,12 +26,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gardener import logs
 from gardener.ledger import migrate
 from gardener.loop.control import LoopState
 from gardener.settings import Settings
 
-log = logs.get_logger("gardener.loop.http")
+log = structlog.get_logger("gardener.loop.http")  # lazy: resolved after logs.configure
 
 
 def ingest_routes(writer: Any, settings: Settings) -> list[BaseRoute]:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import anyio
 import asyncpg
+import structlog
 
-from gardener import logs
 from gardener.errors import ConfigError, GardenerError
 from gardener.ledger import db
 from gardener.loop import metrics
 from gardener.loop.control import LoopState
 
 LEADER_LOCK = 0x6761_7264_6C64  # "gardld": the advisory lock key of the loop's leader
-log = logs.get_logger("gardener.loop.leader")
+log = structlog.get_logger("gardener.loop.leader")  # lazy: resolved after logs.configure
 
 
 class LeadershipLost(GardenerError):

@@ -18,9 +18,15 @@ from typing import Any, Protocol
 
 import anyio
 import asyncpg
+import structlog
 
-from gardener import logs
-from gardener.backends.base import Backend, ServiceSpec, ServiceState, Status
+from gardener.backends.base import (
+    Backend,
+    PermanentBackendError,
+    ServiceSpec,
+    ServiceState,
+    Status,
+)
 from gardener.backends.reconcile import Backoff, ReconcileReport, reconcile_once
 from gardener.core import canon as canon_mod
 from gardener.core.config import DEFAULT_RUNGS
@@ -34,10 +40,11 @@ from gardener.settings import Settings
 from gardener.trainer.spec import ModelsConfig, load_models_config, trainer_variables
 
 Q = Queries("loop.sql")
-log = logs.get_logger("gardener.loop.reconciler")
+log = structlog.get_logger("gardener.loop.reconciler")  # lazy: resolved after logs.configure
 
 # Backend statuses after which a service writes no more log lines.
 _FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.REMOVED})
+_STARTED = frozenset({"created", "deployed", "restarted"})
 
 
 class LineSink(Protocol):
@@ -158,6 +165,10 @@ class Reconciler:
                 report = await reconcile_once(specs, backend, backoff=self.backoffs[acc])
                 reports[acc] = report
                 observed = backend.last if report.observe_error is None else None
+                for result in report.results:  # just started: follow its log from now on
+                    if result.error is None and result.outcome in _STARTED:
+                        self.known.setdefault(result.canon_name, (acc, Status.PENDING))
+                        self.drained.discard(result.canon_name)
             if observed is not None:
                 await self._write_observed(mine, observed, acc)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
@@ -185,6 +196,8 @@ class Reconciler:
             st = seen.get(name)
             new: tuple[str, str | None, str | None]
             if st is not None:
+                if self.sink is not None and st.status in _FINAL and name not in self.drained:
+                    continue  # "finished" is written once its last log lines are in the ledger
                 new = (st.status.value, st.service_id, st.deployment_id)
             elif r["desired_state"] == "removed" or (
                 r["service_id"] is not None and r["observed_state"] != "pending"
@@ -201,6 +214,11 @@ class Reconciler:
             self.state.tick_wakeup.set()  # a trial may have finished: the race may be done
 
     # -- logs ---------------------------------------------------------------------------------
+    def _drained(self, name: str, status: Status) -> None:
+        if status in _FINAL and name not in self.drained:
+            self.drained.add(name)
+            self.state.reconcile_wakeup.set()  # its final state can be written now
+
     async def pump_logs(self) -> None:
         """Tail every known service every ``log_interval`` and feed the writer."""
         if self.sink is None:
@@ -225,12 +243,15 @@ class Reconciler:
             async with gate:
                 try:
                     lines = await backend.tail(name, self.cursors.get(name))
+                except PermanentBackendError as exc:  # no log to read, and there never will be
+                    log.warning("tail_failed", canon_name=name, error=str(exc), permanent=True)
+                    self._drained(name, status)
+                    return
                 except GardenerError as exc:
                     log.warning("tail_failed", canon_name=name, error=str(exc))
                     return
                 if not lines:
-                    if status in _FINAL:
-                        self.drained.add(name)
+                    self._drained(name, status)
                     return
                 assert self.sink is not None
                 await self.sink.submit_lines(

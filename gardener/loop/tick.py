@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.to_thread
 import asyncpg
+import structlog
 
-from gardener import logs
 from gardener.core.config import DecisionConfig
 from gardener.core.decide import decide
 from gardener.core.rungs import rung_reached
@@ -40,7 +40,7 @@ from gardener.loop.control import LoopState
 from gardener.settings import Settings
 
 Q = Queries("loop.sql")
-log = logs.get_logger("gardener.loop.tick")
+log = structlog.get_logger("gardener.loop.tick")  # lazy: resolved after logs.configure
 
 
 @dataclass

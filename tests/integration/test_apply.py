@@ -39,13 +39,14 @@ async def make_race(
     first_exp: int = 100,
     model: str = "HYBRID",
     config: dict | None = None,
+    first_seed: int = 1000,
 ) -> list[str]:
     """A race of ``n`` trials of one variant with EXP_IDs, ``rungs`` from RUNGS."""
     cfg = {"rungs": list(RUNGS), **(config or {})}
     await trials.ensure_race(conn, name, account, horizon=RUNGS[-1], config=cfg)
     admissions = [
         trials.Admission(
-            canon.CanonName(model, "FP32", ("WSD",), 1000 + i, first_exp + i), steps=RUNGS[-1]
+            canon.CanonName(model, "FP32", ("WSD",), first_seed + i, first_exp + i), steps=RUNGS[-1]
         )
         for i in range(n)
     ]

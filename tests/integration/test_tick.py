@@ -273,6 +273,12 @@ async def test_reconciler_drives_the_backend_and_writes_back_what_it_sees(
     await rec.pass_once()
     assert backend.calls == [("stop", names[2])]
     await rec.pass_once()
+    # "stopped" is written only once the service's log was read to its end.
+    assert await conn.fetchval(
+        "SELECT observed_state FROM igla_race_trials WHERE canon_name = $1", names[2]
+    ) == "running"
+    await rec.pump_once()
+    await rec.pass_once()
     assert await conn.fetchval(
         "SELECT observed_state FROM igla_race_trials WHERE canon_name = $1", names[2]
     ) == "stopped"
