@@ -73,6 +73,7 @@ class CriteriaConfig:
     lr9_hidden: int = 128
     used_slot: int = 4
     probe_slot: int = 1
+    force_replace_challenger: str = "IGLA-TRAIN_V2-FP32-CHAMP-seed43"
     claim_workers: int = 8
     claim_count: int = 3
     teardown_timeout_s: float = 60.0
@@ -204,15 +205,19 @@ async def one_row_per_name(conn: asyncpg.Connection, ctx: RaceContext) -> Criter
 
 
 async def leaderboard_gate0(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
-    """6: the same ranking the CLI prints has every trial, with distinct final BPB."""
+    """6: the same ranking the CLI prints has every trial, with distinct final BPB, each
+    taken at the race's last step (a trial cut short, e.g. by the wallclock, has none)."""
     from gardener.race import leaderboard
 
     board = await leaderboard.rank(conn, "gate-0", race=ctx.race)
     finals = [r.final_bpb for r in board.rows if r.final_bpb is not None]
+    short = [r.canon_name for r in board.rows if (r.final_step or 0) < ctx.max_steps]
     n = len(ctx.expected_names)
     ok = (len(board.rows) == n and len(finals) == n and len(set(finals)) == n
-          and board.verdict.passed)
+          and board.verdict.passed and not short)
     why = "; ".join(board.verdict.reasons)
+    if short:
+        why += f"; {len(short)} trial(s) ended before step {ctx.max_steps}: {short[0]}"
     if not ok:
         return _c(6, False, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
                   f"(need {n}); {why}", rows=len(board.rows))

@@ -392,11 +392,10 @@ async def run_smoke(
                     if any(r["samples"] for r in rows):
                         break
                     await anyio.sleep(poll_s)
-                challenger = canon_mod.parse(planned[-1].name)
                 probes[5] = await crit.probe_lr9(pconn, ctx, seed=planned[0].canon.seed)
                 probes[7] = await crit.probe_used_slot(pconn, ctx)
                 probes[8] = await crit.probe_force_replace(
-                    pconn, ctx, challenger=str(challenger.with_seed(challenger.seed)))
+                    pconn, ctx, challenger=cfg.criteria.force_replace_challenger)
                 probes[9] = await crit.probe_cross_account_kill(
                     pconn, ctx, victim_account=_other_account(settings, cfg.account))
                 probes[10] = await crit.probe_exp_claims(dsn, ctx)

@@ -163,6 +163,9 @@ async def test_leaderboard_gate0(conn: asyncpg.Connection) -> None:
                        planned[1].name, final)
     red = await crit.leaderboard_gate0(conn, ctx)
     assert not red.green and "share the same final BPB" in red.evidence
+    await conn.execute("DELETE FROM bpb_samples WHERE step = 60")  # every trial cut at 50
+    cut = await crit.leaderboard_gate0(conn, ctx)
+    assert not cut.green and "ended before step 60" in cut.evidence
 
 
 async def test_corpus_reported(conn: asyncpg.Connection) -> None:
