@@ -392,13 +392,22 @@ async def run_smoke(
                     if any(r["samples"] for r in rows):
                         break
                     await anyio.sleep(poll_s)
-                probes[5] = await crit.probe_lr9(pconn, ctx, seed=planned[0].canon.seed)
-                probes[7] = await crit.probe_used_slot(pconn, ctx)
-                probes[8] = await crit.probe_force_replace(
-                    pconn, ctx, challenger=cfg.criteria.force_replace_challenger)
-                probes[9] = await crit.probe_cross_account_kill(
-                    pconn, ctx, victim_account=_other_account(settings, cfg.account))
-                probes[10] = await crit.probe_exp_claims(dsn, ctx)
+                victim = _other_account(settings, cfg.account)
+                checks: dict[int, Callable[[], Awaitable[crit.Criterion]]] = {
+                    5: lambda: crit.probe_lr9(pconn, ctx, seed=planned[0].canon.seed),
+                    7: lambda: crit.probe_used_slot(pconn, ctx),
+                    8: lambda: crit.probe_force_replace(
+                        pconn, ctx, challenger=cfg.criteria.force_replace_challenger),
+                    9: lambda: crit.probe_cross_account_kill(pconn, ctx, victim_account=victim),
+                    10: lambda: crit.probe_exp_claims(dsn, ctx),
+                }
+                for n, check in checks.items():
+                    try:
+                        probes[n] = await check()
+                    except (asyncpg.PostgresError, OSError, UserError) as exc:
+                        # The probe itself broke: RED with what happened, the race goes on.
+                        probes[n] = crit.Criterion(n, crit.TITLES[n], False,
+                                                   f"the probe failed: {type(exc).__name__}: {exc}")
                 timings["probes_done_s"] = clock() - t0
             finally:
                 await pconn.close()
