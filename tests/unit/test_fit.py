@@ -221,7 +221,7 @@ def _check_fit(fit: PowerLawFit) -> None:
         assert math.isnan(fit.predict(1000.0).mean)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_steps, _floats), min_size=0, max_size=30))
 def test_fit_never_raises_on_arbitrary_points(points: list[tuple[float, float]]) -> None:
     steps = [s for s, _ in points]
@@ -229,7 +229,7 @@ def test_fit_never_raises_on_arbitrary_points(points: list[tuple[float, float]])
     _check_fit(fit_power_law(steps, values))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     hnp.arrays(np.float64, st.integers(0, 40), elements=st.floats(0.5, 5.0)),
     st.floats(1e-6, 1.0),
