@@ -13,7 +13,8 @@ exactly; value checks (NaN, infinity, negative) are ``gardener.core.tripwires.ch
 so the rule lives in one place.
 
 Every reason starts with a short code (``bpb_format: ...``): the code is the metric label, the
-rest is for a person.
+rest is for a person. The result types are plain (unfrozen) slotted dataclasses because one is
+built per line on the hot path (a frozen one costs four times as much); treat them as values.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DONE = re.compile(r"DONE:\s*(.*)")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sample:
     """A sample that passed every rule that can be judged without the ledger."""
 
@@ -72,7 +73,7 @@ class Sample:
         return self.raw if self.raw or self.item is None else _raw_json(self.item)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejected:
     """Input that looks like a sample (or a report) but breaks a rule: quarantined verbatim."""
 
@@ -81,14 +82,14 @@ class Rejected:
     reason: str  # "<code>: <detail>", what the quarantine row says
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CorpusReport:
     corpus: str
     sha256: str  # lower-case hex
     raw: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Done:
     """The trainer's final line; its value is reported back, not stored (the last
     ``step=N BPB=...`` line already carries it)."""
@@ -206,10 +207,12 @@ def parse_lines(lines: list[str]) -> list[Parsed]:
     append = out.append
     for line in lines:
         m = fast(line)
-        if m is not None and len(m.group(1)) < 10:  # below 10 digits it fits an integer
-            append(Sample(int(m.group(1)), float(m.group(2)), line))
-        else:
-            append(parse_line(line))
+        if m is not None:
+            step, bpb = m.groups()
+            if len(step) < 10:  # below 10 digits it fits an integer
+                append(Sample(int(step), float(bpb), line))
+                continue
+        append(parse_line(line))
     return out
 
 
