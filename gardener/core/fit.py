@@ -13,8 +13,9 @@ Why this shape:
      autocorrelation ``rho``;
   2. a misspecified model: a discrepancy variance ``kappa**2 * log(t / t_last)**2`` grows with
      the log-distance of extrapolation. ``kappa`` comes from a rolling-origin check inside the
-     observed prefix: fit the first half (5/8, 3/4, 7/8) of the points, predict the rest, and
-     take the moment estimate of the squared errors beyond what the interval already explains.
+     observed prefix: fit the first half (5/8, 3/4, 7/8) of the points, measure how fast the
+     later points drift from that fit, and estimate the drift variance beyond what noise and
+     parameter uncertainty explain (DerSimonian-Laird moment estimator).
 - The confidence interval (``ci``) is for the mean curve; the prediction interval (``pi``)
   also holds the observation noise and is the one to use for "where will this run's observed
   value land".
@@ -694,24 +695,28 @@ def _discrepancy(
     t: FloatArray, log_s: FloatArray, z: FloatArray, m: BoolArray,
     heads: tuple[IntArray, FloatArray, FloatArray, FloatArray], ok: BoolArray,
 ) -> tuple[FloatArray, IntArray]:
-    """Moment estimate of kappa**2 from rolling origins inside the observed prefix.
+    """Estimate kappa**2 from rolling origins inside the observed prefix.
 
     The discrepancy model: beyond the last fitted point the true curve drifts away from the
     fitted power law by ``kappa * xi * log(t / t_last)`` with ``xi ~ N(0, 1)``, one draw per
-    extrapolation. For each origin k, the first k points are fitted and the drift rate of the
-    later points' errors is measured by least squares on their log-distance (averaging the
-    tail, so observation noise does not hide a systematic drift). Its square, minus the
-    variance that noise and parameter uncertainty alone would give it, averaged over origins,
-    estimates kappa**2. Curves too short to hold out anything get kappa = 0, n_holdout = 0.
+    extrapolation. For each origin k, the first k points are fitted and the drift rate ``s_k``
+    of the later points' errors is measured by least squares on their log-distance (averaging
+    the tail, so observation noise does not hide a systematic drift). Without discrepancy,
+    ``s_k`` has variance ``V_k`` from noise and parameter uncertainty alone; with it,
+    ``V_k + kappa**2``. The between-origin variance is then the DerSimonian-Laird moment
+    estimate with a known zero mean and weights ``1 / V_k``:
+    ``kappa**2 = max(0, (sum s_k**2 / V_k - K) / sum 1 / V_k)``, so informative origins
+    count more. Curves too short to hold out anything get kappa = 0 and ``n_holdout = 0``.
     """
     n_rows, width = z.shape
     ks, c_all, b_all, p_all = heads
     valid = ok[:, None] & (ks > 0)
-    total = np.zeros(n_rows)
+    q_stat = np.zeros(n_rows)
+    w_sum = np.zeros(n_rows)
     origins = np.zeros(n_rows)
     count = np.zeros(n_rows, dtype=np.int64)
     if not valid.any():
-        return total, count
+        return q_stat, count
     col = np.arange(width)[None, :]
     for j in range(ks.shape[1]):
         rows = valid[:, j]
@@ -734,12 +739,15 @@ def _discrepancy(
         gw = (np.sum(w, axis=1), np.sum(w * x, axis=1), -b * np.sum(w * x * log_s, axis=1))
         var_param = _quad(gw, np.nan_to_num(st.cov))
         var_noise = st.sigma**2 * st.inflation * np.sum(w * w, axis=1)
-        excess = slope**2 - var_param - var_noise
-        has = has & np.isfinite(excess)
-        total += np.where(has, excess, 0.0)
+        v = var_param + var_noise
+        has = has & np.isfinite(slope) & np.isfinite(v) & (v > 0)
+        wk = np.where(has, 1.0 / np.where(has, v, 1.0), 0.0)
+        q_stat += wk * np.where(has, slope, 0.0) ** 2
+        w_sum += wk
         origins += has
         count += np.where(has, tail.sum(axis=1), 0)
-    kappa2 = np.where(origins > 0, np.maximum(total, 0.0) / np.maximum(origins, 1), 0.0)
+    # DerSimonian-Laird with a known zero mean: E[sum w s^2] = K + kappa^2 * sum w.
+    kappa2 = np.maximum(q_stat - origins, 0.0) / np.where(w_sum > 0, w_sum, np.inf)
     return kappa2, count
 
 
