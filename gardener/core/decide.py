@@ -55,6 +55,7 @@ from gardener.core.types import (
 
 CAUSE_DIVERGING = "diverging"
 CAUSE_RUNG = "rung"
+CHI2_1_MEDIAN = 0.454936423119572  # median of chi-square(1): scales a median to a variance
 
 
 def _num(x: float | None) -> float | None:
@@ -150,6 +151,7 @@ class _Race:
         self.leader = self._leader()
         self._score_cache: dict[tuple[str, int], _Score] = {}
         self._fit_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        self._drift_cache: dict[tuple[str, int], float | None] = {}
 
     # -- the leader and the states ------------------------------------------------------------
     def _leader(self) -> _Curve | None:
@@ -206,9 +208,66 @@ class _Race:
         self._score_cache[key] = sc
         return sc
 
-    def paired(self, c: _Curve, ref: _Curve, r: int) -> dict[str, Any]:
-        """The difference c - ref over their common recent steps at rung r, with a one-sided
-        Student-t lower bound at ``level``: how sure we are that c is worse."""
+    def drift_var(self, r: int, cohort: list[_Curve]) -> float | None:
+        """How fast the cohort reshuffles, per unit of log-step.
+
+        Each trial's curve is centred on the cohort mean at every step (the noise all runs
+        share cancels). The change of its smoothed centred value over the last octave (half
+        the rung step to the rung step) has variance ``drift * log 2`` plus the jitter of the
+        two smoothed values; the jitter comes from second differences and is subtracted
+        (method of moments) when there are enough points to tell it from drift, otherwise it
+        stays in, which errs on keeping. Pooled over the cohort; None without two trials
+        that have data an octave back (so the first rungs cannot prune)."""
+        key = ("*drift*", r)
+        if key in self._drift_cache:
+            return self._drift_cache[key]
+        boundary = self.cfg.rungs[r]
+        out = self._drift_since(cohort, boundary, boundary // 2) if boundary >= 2 else None
+        self._drift_cache[key] = out
+        return out
+
+    def _drift_since(self, cohort: list[_Curve], boundary: int, past: int) -> float | None:
+        """The drift estimate of ``drift_var`` between the steps ``past`` and ``boundary``."""
+        members = [c for c in cohort if len(c.steps) and int(c.steps[0]) <= past]
+        if len(members) < 2:
+            return None
+        cols: dict[int, list[float]] = {}
+        prefixes = [prefix_at(c.steps, c.bpb, boundary) for c in members]
+        for st, v in prefixes:
+            for k, x in zip(st.tolist(), v.tolist(), strict=True):
+                cols.setdefault(int(k), []).append(float(x))
+        mean_at = {k: float(np.mean(x)) for k, x in cols.items() if len(x) >= 2}
+        changes, jitter = [], []
+        for st, v in prefixes:
+            keep = np.array([int(k) in mean_at for k in st.tolist()], dtype=bool)
+            st2 = st[keep]
+            e = v[keep] - np.array([mean_at[int(k)] for k in st2.tolist()])
+            if len(st2) < 2:
+                continue
+            now, s_now, _ = recent_mean(st2, e, boundary, self.cfg)
+            then, s_then, _ = recent_mean(st2, e, past, self.cfg)
+            if int(s_then[0]) == int(s_now[0]) and len(s_then) == len(s_now):
+                continue  # the two windows are the same samples: nothing to compare
+            changes.append(now - then)
+            # Jitter from second differences (blind to a locally linear drift; var = 6 s^2),
+            # only with a full slope window of points: fewer cannot tell jitter from drift.
+            span = e[st2 >= past]
+            enough = len(span) >= self.cfg.slope_window
+            noise2 = float(np.mean(np.diff(span, 2) ** 2)) / 6 if enough else 0.0
+            jitter.append(noise2 * (1 / len(s_now) + 1 / len(s_then)))
+        if len(changes) < 2:
+            return None
+        ch = np.asarray(changes)
+        # Robust to a few wild curves: the median squared deviation over the median of a
+        # chi-square with one degree of freedom estimates the variance of the typical trial.
+        var = float(np.median((ch - np.median(ch)) ** 2)) / CHI2_1_MEDIAN
+        return max(0.0, var - float(np.mean(jitter))) / math.log(boundary / past)
+
+    def paired(self, c: _Curve, ref: _Curve, r: int, drift: float | None) -> dict[str, Any]:
+        """How sure we are that c ends worse than ref. The difference c - ref over their
+        common recent steps at rung r has a standard error (jitter) and may still drift
+        until the horizon: variance ``2 * drift * log(horizon / rung step)`` (both trials
+        drift). The lower bound at ``level`` of that predicted final difference is ``low``."""
         boundary = self.cfg.rungs[r]
         s1, v1 = prefix_at(c.steps, c.bpb, boundary)
         s2, v2 = prefix_at(ref.steps, ref.bpb, boundary)
@@ -219,14 +278,27 @@ class _Race:
             idx = np.arange(max(0, len(common) - self.cfg.recent_min_points), len(common))
         d = d[idx]
         m = len(d)
-        if m == 0:
-            return {"points": 0, "mean": None, "low": None}
+        if m == 0 or drift is None:
+            return {
+                "points": m,
+                "mean": float(np.mean(d)) if m else None,
+                "low": None,
+                "drift_per_log_step": drift,
+            }
         mean = float(np.mean(d))
-        if m < 2:
-            return {"points": m, "mean": mean, "low": None}
-        se = float(np.std(d, ddof=1)) / math.sqrt(m)
-        t = float(stats.t.ppf(self.cfg.level, m - 1))
-        return {"points": m, "mean": mean, "low": mean - t * se, "se": se}
+        se = float(np.std(d, ddof=1)) / math.sqrt(m) if m >= 2 else 0.0
+        remaining = max(0.0, math.log(max(self.horizon, boundary) / boundary))
+        sd = math.sqrt(se**2 + 2.0 * drift * remaining)
+        z = float(stats.norm.ppf(self.cfg.level))
+        return {
+            "points": m,
+            "mean": mean,
+            "se": se,
+            "drift_per_log_step": drift,
+            "remaining_log_steps": remaining,
+            "sd_final": sd,
+            "low": mean - z * sd,
+        }
 
 
 def _base_numbers(race: _Race, c: _Curve, r: int, st: StateReading) -> dict[str, Any]:
@@ -331,18 +403,17 @@ def _rung_decisions(race: _Race, r: int, pending: list[_Curve], out: list[Decisi
             nums = numbers(c, st)
             sc = race.score(c, r)
             if cfg.policy is Policy.GARDENER:
-                pr = race.paired(c, best, r)
+                pr = race.paired(c, best, r, race.drift_var(r, cohort))
                 nums["paired"] = {k: _num(v) if isinstance(v, float) else v for k, v in pr.items()}
                 low = pr.get("low")
                 if low is None or low <= cfg.tied_band:
-                    continue  # not sure enough it is worse: keep (below)
-                if st.closing or st.state in (SeedState.LEADING, SeedState.TIED):
-                    continue  # closing on the leader, or level with it: keep
+                    continue  # not sure enough it ends worse: keep (below)
                 why = (
                     f"rung {r} ({rule.value}): rank {rank[c.name] + 1}/{n}, outside the top "
                     f"{keep_n}; {sc.basis} {sc.value:.4f}; worse than {best.name} by "
-                    f"{pr['mean']:+.4f} BPB (one-sided {cfg.level:.0%} bound {low:+.4f} > tie "
-                    f"band {cfg.tied_band}); state {st.state.value}"
+                    f"{pr['mean']:+.4f} BPB now, and at the horizon by more than {low:+.4f} "
+                    f"with {cfg.level:.0%} confidence (tie band {cfg.tied_band}); "
+                    f"state {st.state.value}"
                 )
             else:
                 why = (
@@ -440,7 +511,7 @@ def _rung_decisions(race: _Race, r: int, pending: list[_Curve], out: list[Decisi
         elif allowed <= 0 and cfg.policy is Policy.SEED:
             why = f"rung {r} ({rule.value}): rank {rank[c.name] + 1}/{n}, but the quota is spent"
         else:
-            pr = nums.get("paired") or race.paired(c, best, r)
+            pr = nums.get("paired") or race.paired(c, best, r, race.drift_var(r, cohort))
             nums["paired"] = {k: _num(v) if isinstance(v, float) else v for k, v in pr.items()}
             why = (
                 f"rung {r} ({rule.value}): rank {rank[c.name] + 1}/{n} but not confidently worse "

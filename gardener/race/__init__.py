@@ -1,0 +1,1 @@
+"""Races: the smoke race, leaderboards and gates, and the backtest of the decision policy."""
