@@ -85,6 +85,27 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process on this machine has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def backend_cpu(conn: asyncpg.Connection, database: str) -> dict[int, float]:
+    """CPU seconds of every server process connected to ``database`` (the server must run on
+    this machine; elsewhere the figures are 0)."""
+    pids = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", database)
+    return {r["pid"]: proc_cpu(r["pid"]) for r in pids}
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     name, dsn = await make_database(args.dsn)
     pool = await db.create_pool(dsn, min_size=2, max_size=4)
@@ -103,6 +124,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
         load_before = loadavg()
         batches_before = metrics.BATCH_SECONDS._sum.get()
+        async with pool.acquire() as conn:
+            pg_before = await backend_cpu(conn, name)
+        py_before = time.process_time()
         async with SampleWriter(pool, max_batch=args.max_batch, max_latency=0.05) as writer:
 
             async def tail(trial: str) -> int:
@@ -116,8 +140,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             t0 = time.perf_counter()
             accepted = sum(await asyncio.gather(*(tail(t) for t in trials)))
             write_s = time.perf_counter() - t0
+        py_cpu = time.process_time() - py_before
         in_batches = metrics.BATCH_SECONDS._sum.get() - batches_before
         load_after = loadavg()
+        async with pool.acquire() as conn:
+            pg_cpu = cpu_delta(pg_before, await backend_cpu(conn, name))
 
         async with pool.acquire() as conn:
             stored = await conn.fetchval("SELECT count(*) FROM bpb_samples")
@@ -135,6 +162,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     records.append((trial, seed, int(step_t[5:]), float(bpb_t[4:]), "bench"))
             await conn.execute("TRUNCATE bpb_samples")
             await conn.execute("VACUUM ANALYZE bpb_samples")
+            me = await conn.fetchval("SELECT pg_backend_pid()")
+            copy_pg_before, copy_py_before = proc_cpu(me), time.process_time()
             t0 = time.perf_counter()
             await conn.copy_records_to_table(
                 "bpb_samples",
@@ -142,7 +171,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 columns=["canon_name", "seed", "step", "bpb", "source"],
             )
             copy_s = time.perf_counter() - t0
+            copy_py_cpu = time.process_time() - copy_py_before
+            copy_pg_cpu = proc_cpu(me) - copy_pg_before
         rate, copy_rate = total / write_s, total / copy_s
+        cpu_rate = total / (py_cpu + pg_cpu) if py_cpu + pg_cpu else None
+        copy_cpu_rate = total / (copy_py_cpu + copy_pg_cpu) if copy_py_cpu + copy_pg_cpu else None
         return {
             "bench": "ingest_lines",
             "samples": total,
@@ -156,6 +189,17 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "raw_copy_seconds": round(copy_s, 3),
             "raw_copy_samples_per_s": round(copy_rate),
             "share_of_raw_copy": round(rate / copy_rate, 3),
+            # CPU seconds spent (this process + its server backends): what the work costs,
+            # whatever else the machine runs; samples per CPU-second of the two together.
+            "writer_cpu_client_s": round(py_cpu, 3),
+            "writer_cpu_server_s": round(pg_cpu, 3),
+            "writer_samples_per_cpu_s": round(cpu_rate) if cpu_rate else None,
+            "raw_copy_cpu_client_s": round(copy_py_cpu, 3),
+            "raw_copy_cpu_server_s": round(copy_pg_cpu, 3),
+            "raw_copy_samples_per_cpu_s": round(copy_cpu_rate) if copy_cpu_rate else None,
+            "cpu_share_of_raw_copy": (
+                round(cpu_rate / copy_cpu_rate, 3) if cpu_rate and copy_cpu_rate else None
+            ),
             "target_samples_per_s": 50_000,
             "meets_target": rate >= 50_000,
             "cpus": os.cpu_count(),

@@ -243,12 +243,17 @@ class SampleWriter:
         *,
         max_batch: int = 10_000,
         max_latency: float = 0.05,
+        max_in_flight: int = 2,
         channel: str = CHANNEL,
     ) -> None:
         self._pool = pool
         self.max_batch = max_batch
         self.max_latency = max_latency
         self.channel = channel
+        # Two batches in flight keep the client and the server busy at once (one builds and
+        # encodes while the other is written); batches sharing a (trial, step) never overlap.
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight: dict[asyncio.Task[None], set[tuple[str, int]]] = {}
         self._trials: dict[str, tuple[int, str]] = {}  # canon_name -> (seed, account)
         self._pending: list[_Job] = []
         self._pending_items = 0
@@ -347,7 +352,7 @@ class SampleWriter:
         while True:
             if not self._pending:
                 if self._closing:
-                    return
+                    break
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -362,18 +367,36 @@ class SampleWriter:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._hurry.wait()
+            await self._slots.acquire()  # at most max_in_flight batches at once
             jobs = self._take()
-            try:
-                results = await self._write(jobs)
-            except Exception as exc:  # the callers get the error; the writer lives on
-                log.error("ingest.batch_failed", error=str(exc), jobs=len(jobs))
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-            else:
-                for job, res in zip(jobs, results, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(SubmitResult(res))
+            keys = _sample_keys(jobs)
+            for task, busy in list(self._in_flight.items()):
+                if not busy.isdisjoint(keys):
+                    # A (trial, step) of this batch is in one being written: wait for it, so
+                    # the first value to arrive is the one kept.
+                    await asyncio.wait([task])
+            task = asyncio.create_task(self._write_jobs(jobs), name="ingest-batch")
+            self._in_flight[task] = keys
+            task.add_done_callback(self._batch_done)
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight))
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._slots.release()
+
+    async def _write_jobs(self, jobs: list[_Job]) -> None:
+        try:
+            results = await self._write(jobs)
+        except Exception as exc:  # the callers get the error; the writer lives on
+            log.error("ingest.batch_failed", error=str(exc), jobs=len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            for job, res in zip(jobs, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(SubmitResult(res))
 
     def _take(self) -> list[_Job]:
         taken: list[_Job] = []
@@ -449,7 +472,7 @@ class SampleWriter:
                     )
                 if inserted:
                     payload = json.dumps({"max_id": max_id, "count": inserted})
-                    await conn.execute(Q.notify_samples, payload)
+                    await conn.execute(Q.notify_samples, self.channel, payload)
         return batch, inserted
 
     async def _resolve_trials(self, conn: asyncpg.Connection, jobs: list[_Job]) -> None:
@@ -645,6 +668,23 @@ def _conflict(step: int, kept: float, new: float) -> str:
         f"{P.STEP_CONFLICT}: step {step} already has BPB={kept:.4f}; "
         f"BPB={new:.4f} not stored (the first value is kept)"
     )
+
+
+def _sample_keys(jobs: list[_Job]) -> set[tuple[str, int]]:
+    """The (canon_name, step) of every sample in these jobs."""
+    keys: set[tuple[str, int]] = set()
+    sample = P.Sample
+    for job in jobs:
+        if isinstance(job.names, str):
+            name = job.names
+            keys.update((name, it.step) for it in job.items if type(it) is sample)
+        else:
+            keys.update(
+                (n, it.step)
+                for n, it in zip(job.names, job.items, strict=True)
+                if n is not None and type(it) is sample
+            )
+    return keys
 
 
 def _raw_of(item: P.Sample | P.CorpusReport) -> str:

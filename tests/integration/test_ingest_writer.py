@@ -343,3 +343,18 @@ async def test_two_writers_at_once_store_each_sample_once(
         assert sorted(tuple(r) for r in rows) == [(499, 2.0), (499, 2.0)]
     finally:
         await other_pool.close()
+
+
+async def test_batches_in_flight_at_once_keep_the_first_value(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """One item per batch, two batches in flight: the first value to arrive is kept."""
+    await _admit(conn)
+    async with SampleWriter(pool, max_batch=1, max_latency=0.0, max_in_flight=2) as w:
+        values = ["2.0000", "2.1000", "2.0000", "2.2000", "2.1000", "2.0000"]
+        results = await asyncio.gather(
+            *(w.submit_lines(T1, [f"step=10 BPB={v}"], "t") for v in values)
+        )
+    statuses = [r.items[0].status for r in results]
+    assert statuses == ["accepted", "rejected", "duplicate", "rejected", "rejected", "duplicate"]
+    assert await _samples(conn, T1) == [(10, 2.0)]

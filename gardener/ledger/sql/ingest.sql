@@ -77,4 +77,5 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS u(canon_name, corpus, sha256)
 WHERE t.canon_name = u.canon_name
 
 -- name: notify_samples
-SELECT pg_notify('gardener_samples', $1)
+-- $1 the channel (gardener_samples), $2 the payload {"max_id", "count"}.
+SELECT pg_notify($1, $2)
