@@ -311,3 +311,35 @@ def test_batched_fit_nan_padding_equals_counts() -> None:
     assert list(a.ok) == list(b.ok)
     np.testing.assert_allclose(a.bpb_inf[a.ok], b.bpb_inf[b.ok])
     np.testing.assert_array_equal(a.n, b.n)
+
+
+def test_level_sets_the_interval_width() -> None:
+    rng = np.random.default_rng(23)
+    y = noisy_curve(rng, noise=0.02)
+    fit = fit_power_law(STEPS, y)
+    widths = [fit.predict(24_000, level=lv).pi for lv in (0.5, 0.95, 0.99)]
+    spans = [w.high - w.low for w in widths]
+    assert spans[0] < spans[1] < spans[2]
+    narrow = fit_power_law(STEPS, y, level=0.8)
+    assert (narrow.bpb_inf_ci.high - narrow.bpb_inf_ci.low) < (
+        fit.bpb_inf_ci.high - fit.bpb_inf_ci.low
+    )
+    assert not fit_power_law(STEPS, y, level=1.5).ok
+
+
+def test_batch_predicts_one_step_per_curve() -> None:
+    steps, values = _random_curves(3, seed=24)
+    batch = fit_many(steps, values)
+    targets = np.array([5_000.0, 20_000.0, 40_000.0])
+    pred = batch.predict(targets)
+    for i, target in enumerate(targets):
+        one = batch.fit(i).predict(float(target))
+        assert pred.mean[i] == pytest.approx(one.mean, rel=1e-12)
+        assert pred.pi_high[i] == pytest.approx(one.pi.high, rel=1e-12)
+
+
+def test_plain_mode_has_no_corrections() -> None:
+    rng = np.random.default_rng(25)
+    fit = fit_power_law(STEPS, noisy_curve(rng, noise=0.02), calibrate=False)
+    assert fit.ok and fit.rho == 0.0 and fit.kappa == 0.0
+    assert fit.df == STEPS.size - 3
