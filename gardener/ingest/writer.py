@@ -117,6 +117,7 @@ class _Batch:
     rows: list[P.Sample] = field(default_factory=list)
     row_name: list[int] = field(default_factory=list)  # 1-based into names
     where: list[tuple[int, int]] = field(default_factory=list)  # (job, item) per row
+    by_name: dict[str, dict[int, int]] = field(default_factory=dict)  # name -> step -> row
     # derived by finish()
     row_step: list[int] = field(default_factory=list)
     row_bpb: list[float] = field(default_factory=list)
@@ -188,27 +189,22 @@ class _Batch:
     def summary_params(self) -> tuple[list[Any], ...]:
         """Per trial, from the rows inserted: the highest step and its value, the lowest value."""
         gone = {r - 1 for r in self.skipped}
-        last: dict[int, tuple[int, float, float]] = {}
-        for r, (k, step, bpb) in enumerate(
-            zip(self.row_name, self.row_step, self.row_bpb, strict=True)
-        ):
-            if gone and r in gone:
+        bpb = self.row_bpb
+        names: list[str] = []
+        tops: list[int] = []
+        top_bpbs: list[float] = []
+        bests: list[float] = []
+        for name, steps in sorted(self.by_name.items()):
+            if gone:
+                steps = {st: r for st, r in steps.items() if r not in gone}
+            if not steps:
                 continue
-            cur = last.get(k)
-            if cur is None:
-                last[k] = (step, bpb, bpb)
-            else:
-                top, top_bpb, best = cur
-                if step > top:
-                    top, top_bpb = step, bpb
-                last[k] = (top, top_bpb, bpb if bpb < best else best)
-        ks = sorted(last)
-        return (
-            [self.names[k - 1] for k in ks],
-            [last[k][0] for k in ks],
-            [last[k][1] for k in ks],
-            [last[k][2] for k in ks],
-        )
+            top = max(steps)
+            names.append(name)
+            tops.append(top)
+            top_bpbs.append(bpb[steps[top]])
+            bests.append(min(map(bpb.__getitem__, steps.values())))
+        return names, tops, top_bpbs, bests
 
     def params(self) -> tuple[Any, ...]:
         """The insert's parameters: the small tables as arrays, the rows as comma-joined text,
@@ -253,7 +249,7 @@ class SampleWriter:
         # Two batches in flight keep the client and the server busy at once (one builds and
         # encodes while the other is written); batches sharing a (trial, step) never overlap.
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._in_flight: dict[asyncio.Task[None], set[tuple[str, int]]] = {}
+        self._in_flight: dict[asyncio.Task[None], dict[str, dict[int, int]]] = {}
         self._trials: dict[str, tuple[int, str]] = {}  # canon_name -> (seed, account)
         self._pending: list[_Job] = []
         self._pending_items = 0
@@ -369,14 +365,20 @@ class SampleWriter:
                         await self._hurry.wait()
             await self._slots.acquire()  # at most max_in_flight batches at once
             jobs = self._take()
-            keys = _sample_keys(jobs)
+            try:
+                await self._resolve_trials(jobs)
+                batch = self._build(jobs)
+            except Exception as exc:  # the lookup failed: these callers get the error
+                self._slots.release()
+                _fail(jobs, exc)
+                continue
             for task, busy in list(self._in_flight.items()):
-                if not busy.isdisjoint(keys):
+                if _overlap(busy, batch.by_name):
                     # A (trial, step) of this batch is in one being written: wait for it, so
                     # the first value to arrive is the one kept.
                     await asyncio.wait([task])
-            task = asyncio.create_task(self._write_jobs(jobs), name="ingest-batch")
-            self._in_flight[task] = keys
+            task = asyncio.create_task(self._write_jobs(batch), name="ingest-batch")
+            self._in_flight[task] = batch.by_name
             task.add_done_callback(self._batch_done)
         if self._in_flight:
             await asyncio.wait(list(self._in_flight))
@@ -385,14 +387,13 @@ class SampleWriter:
         self._in_flight.pop(task, None)
         self._slots.release()
 
-    async def _write_jobs(self, jobs: list[_Job]) -> None:
+    async def _write_jobs(self, batch: _Batch) -> None:
+        jobs = batch.jobs
         try:
-            results = await self._write(jobs)
+            results = await self._write(batch)
         except Exception as exc:  # the callers get the error; the writer lives on
             log.error("ingest.batch_failed", error=str(exc), jobs=len(jobs))
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            _fail(jobs, exc)
         else:
             for job, res in zip(jobs, results, strict=True):
                 if not job.future.done():
@@ -414,18 +415,20 @@ class SampleWriter:
 
     # --- one batch ----------------------------------------------------------------------
 
-    async def _write(self, jobs: list[_Job]) -> list[list[ItemResult]]:
+    async def _write(self, batch: _Batch) -> list[list[ItemResult]]:
         started = time.perf_counter()
+        jobs = batch.jobs
         for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
             try:
-                batch, inserted = await self._write_once(jobs)
+                inserted = await self._write_once(batch)
                 break
             except asyncpg.DeadlockDetectedError:
                 # Another transaction locked trial rows in another order; ours was rolled
-                # back whole, and writing the batch again is idempotent.
+                # back whole, and writing the batch again (built afresh) is idempotent.
                 if attempt == DEADLOCK_ATTEMPTS:
                     raise
                 log.warning("ingest.deadlock_retry", attempt=attempt)
+                batch = self._build(jobs)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(elapsed)
         metrics.BATCH_ITEMS.observe(sum(len(j.items) for j in jobs))
@@ -445,10 +448,8 @@ class SampleWriter:
             out.append(res)  # type: ignore[arg-type]
         return out
 
-    async def _write_once(self, jobs: list[_Job]) -> tuple[_Batch, int]:
+    async def _write_once(self, batch: _Batch) -> int:
         async with self._pool.acquire() as conn:
-            await self._resolve_trials(conn, jobs)
-            batch = self._build(jobs)
             async with conn.transaction():
                 inserted, max_id = await self._insert(conn, batch)
                 if batch.quarantine:
@@ -473,9 +474,11 @@ class SampleWriter:
                 if inserted:
                     payload = json.dumps({"max_id": max_id, "count": inserted})
                     await conn.execute(Q.notify_samples, self.channel, payload)
-        return batch, inserted
+        return inserted
 
-    async def _resolve_trials(self, conn: asyncpg.Connection, jobs: list[_Job]) -> None:
+    async def _resolve_trials(self, jobs: list[_Job]) -> None:
+        """Seed and account of every trial named in ``jobs``; one query for the names not
+        cached yet (a trial never changes either, so the cache needs no expiry)."""
         wanted: set[str] = set()
         for job in jobs:
             if isinstance(job.names, str):
@@ -484,13 +487,14 @@ class SampleWriter:
                 wanted.update(n for n in job.names if n is not None)
         missing = [n for n in wanted if n not in self._trials and _storable(n)]
         if missing:
-            for row in await conn.fetch(Q.trials_by_name, missing):
-                self._trials[row["canon_name"]] = (int(row["seed"]), row["account"])
+            async with self._pool.acquire() as conn:
+                for row in await conn.fetch(Q.trials_by_name, missing):
+                    self._trials[row["canon_name"]] = (int(row["seed"]), row["account"])
 
     def _build(self, jobs: list[_Job]) -> _Batch:
         batch = _Batch(jobs=jobs, results=[[None] * len(j.items) for j in jobs])
-        first: dict[tuple[str, int], int] = {}
         trials = self._trials
+        by_name = batch.by_name
         sample_cls = P.Sample
         rows, row_name, where = batch.rows, batch.row_name, batch.where
         source_ix: dict[str, int] = {}
@@ -511,19 +515,20 @@ class SampleWriter:
                         self._other(batch, j, i, item, name, trial, account)
                     continue
                 k = batch.index(name, trial)
+                seen = by_name.setdefault(name, {})
+                n0 = len(rows)
                 for i, item in enumerate(job.items):
                     if type(item) is sample_cls:
-                        key = (name, item.step)
-                        r = first.get(key)
+                        r = seen.get(item.step)
                         if r is not None:
                             batch.repeats.append((j, i, r, item))
                             continue
-                        first[key] = len(rows)
+                        seen[item.step] = len(rows)
                         rows.append(item)
-                        row_name.append(k)
                         where.append((j, i))
                     else:
                         self._other(batch, j, i, item, name, trial, account)
+                row_name.extend([k] * (len(rows) - n0))
                 continue
             any_ts = True
             for i, item in enumerate(job.items):
@@ -535,12 +540,12 @@ class SampleWriter:
                     and name_i is not None
                     and (account is None or trial[1] == account)
                 ):
-                    key = (name_i, item.step)
-                    r = first.get(key)
+                    seen = by_name.setdefault(name_i, {})
+                    r = seen.get(item.step)
                     if r is not None:
                         batch.repeats.append((j, i, r, item))
                         continue
-                    first[key] = len(rows)
+                    seen[item.step] = len(rows)
                     rows.append(item)
                     row_name.append(batch.index(name_i, trial))
                     where.append((j, i))
@@ -670,21 +675,17 @@ def _conflict(step: int, kept: float, new: float) -> str:
     )
 
 
-def _sample_keys(jobs: list[_Job]) -> set[tuple[str, int]]:
-    """The (canon_name, step) of every sample in these jobs."""
-    keys: set[tuple[str, int]] = set()
-    sample = P.Sample
+def _overlap(a: dict[str, dict[int, int]], b: dict[str, dict[int, int]]) -> bool:
+    """Whether two batches share a (canon_name, step)."""
+    if len(a) > len(b):
+        a, b = b, a
+    return any(name in b and not b[name].keys().isdisjoint(steps) for name, steps in a.items())
+
+
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
     for job in jobs:
-        if isinstance(job.names, str):
-            name = job.names
-            keys.update((name, it.step) for it in job.items if type(it) is sample)
-        else:
-            keys.update(
-                (n, it.step)
-                for n, it in zip(job.names, job.items, strict=True)
-                if n is not None and type(it) is sample
-            )
-    return keys
+        if not job.future.done():
+            job.future.set_exception(exc)
 
 
 def _raw_of(item: P.Sample | P.CorpusReport) -> str:

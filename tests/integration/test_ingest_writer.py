@@ -358,3 +358,11 @@ async def test_batches_in_flight_at_once_keep_the_first_value(
     statuses = [r.items[0].status for r in results]
     assert statuses == ["accepted", "rejected", "duplicate", "rejected", "rejected", "duplicate"]
     assert await _samples(conn, T1) == [(10, 2.0)]
+
+
+async def test_a_corpus_report_alone(writer: SampleWriter, conn: asyncpg.Connection) -> None:
+    res = await writer.submit_lines(T2, [f"corpus=tinyshakespeare sha256={SHA}", "hello"], "t")
+    assert [r.status for r in res.items] == ["corpus", "ignored"]
+    row = await conn.fetchrow("SELECT * FROM igla_race_trials WHERE canon_name = $1", T2)
+    assert (row["corpus"], row["corpus_sha256"], row["last_step"]) == ("tinyshakespeare", SHA, None)
+    assert row["corpus_reported_at"] is not None
