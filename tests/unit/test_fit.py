@@ -343,3 +343,28 @@ def test_plain_mode_has_no_corrections() -> None:
     fit = fit_power_law(STEPS, noisy_curve(rng, noise=0.02), calibrate=False)
     assert fit.ok and fit.rho == 0.0 and fit.kappa == 0.0
     assert fit.df == STEPS.size - 3
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 6).flatmap(
+        lambda rows: st.integers(0, 12).flatmap(
+            lambda cols: st.tuples(
+                hnp.arrays(np.float64, (rows, cols), elements=_steps),
+                hnp.arrays(np.float64, (rows, cols), elements=_floats),
+                hnp.arrays(np.int64, (rows,), elements=st.integers(-2, cols + 2)),
+            )
+        )
+    ),
+    st.booleans(),
+)
+def test_batched_fit_never_raises_on_arbitrary_arrays(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray], use_counts: bool,
+) -> None:
+    steps, values, counts = data
+    batch = fit_many(steps, values, counts if use_counts else None)
+    assert len(batch) == steps.shape[0]
+    for i in range(len(batch)):
+        _check_fit(batch.fit(i))
+    pred = batch.predict(1000.0)
+    assert np.isnan(pred.mean[~batch.ok]).all()
