@@ -1,0 +1,245 @@
+"""decide: properties (Hypothesis) and the rules one by one."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gardener.core.config import DecisionConfig, Policy, RungRule, rules_for
+from gardener.core.decide import apply_to_snapshot, decide, leader_of
+from gardener.core.rungs import prune_quota
+from gardener.core.types import Action, DesiredState, Snapshot, TrialView, TripwireEvent
+
+RUNGS = (100, 200, 400, 800, 1600, 3200)
+VARIANT = "IGLA-HYBRID-FP32-WSD"
+
+
+def cfg(policy: Policy = Policy.GARDENER) -> DecisionConfig:
+    return DecisionConfig(policy=policy, rungs=RUNGS)
+
+
+def curve(last: int, offset: float, noise: float, rng: np.random.Generator, every: int = 25,
+          drift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.arange(every, last + 1, every, dtype=np.int64)
+    y = 2.4 + 2.0 * steps**-0.3 + offset + drift * steps + rng.normal(0, noise, len(steps))
+    return steps, y.astype(np.float64)
+
+
+def make(n: int, lasts: list[int], offsets: list[float], *, seed: int = 0, noise: float = 0.003,
+         rungs: list[int] | None = None, **snap: object) -> Snapshot:
+    rng = np.random.default_rng(seed)
+    trials = []
+    for i in range(n):
+        s, y = curve(lasts[i], offsets[i], noise, rng)
+        trials.append(TrialView(f"{VARIANT}-E0005-seed{100 + i}", VARIANT, 100 + i, s, y,
+                                rung=(rungs[i] if rungs else -1)))
+    used = {VARIANT: frozenset(100 + i for i in range(n))}
+    return Snapshot("race", 0.0, tuple(trials), used_seeds=used, horizon=RUNGS[-1],
+                    **snap)  # type: ignore[arg-type]
+
+
+@st.composite
+def snapshots(draw: st.DrawFn) -> Snapshot:
+    n = draw(st.integers(2, 7))
+    lasts = draw(st.lists(st.sampled_from([50, 150, 250, 450, 850, 1700, 3200]), min_size=n,
+                          max_size=n))
+    offsets = draw(st.lists(st.floats(0.0, 0.3), min_size=n, max_size=n))
+    noise = draw(st.sampled_from([0.0005, 0.01, 0.05]))
+    seed = draw(st.integers(0, 10_000))
+    s = make(n, lasts, offsets, seed=seed, noise=noise)
+    # Some trials already decided at a rung below the one they reached, some stopped.
+    trials = []
+    for t in s.trials:
+        reached = max((i for i, b in enumerate(RUNGS) if t.last_step >= b), default=-1)
+        rung = draw(st.integers(-1, max(-1, reached)))
+        stopped = draw(st.booleans()) and draw(st.booleans())
+        trials.append(replace(t, rung=rung, desired_state=DesiredState.STOPPED if stopped
+                              else DesiredState.RUNNING))
+    return replace(s, trials=tuple(trials))
+
+
+PROPS = settings(max_examples=40, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@PROPS
+@given(snapshots(), st.sampled_from(list(Policy)))
+def test_the_leader_is_never_pruned(snap: Snapshot, policy: Policy) -> None:
+    leader = leader_of(snap, cfg(policy))
+    pruned = {d.canon_name for d in decide(snap, cfg(policy)) if d.action is Action.PRUNE}
+    assert leader is None or leader not in pruned
+
+
+@PROPS
+@given(snapshots(), st.sampled_from(list(Policy)))
+def test_no_seed_is_reused(snap: Snapshot, policy: Policy) -> None:
+    spawned = [nt for d in decide(snap, cfg(policy)) for nt in d.spawn]
+    seeds = [nt.seed for nt in spawned]
+    assert len(seeds) == len(set(seeds))
+    existing = {t.seed for t in snap.trials} | set(snap.used_seeds.get(VARIANT, ()))
+    assert not set(seeds) & existing
+
+
+@PROPS
+@given(snapshots(), st.sampled_from(list(Policy)))
+def test_a_rung_never_prunes_beyond_its_quota(snap: Snapshot, policy: Policy) -> None:
+    c = cfg(policy)
+    ds = decide(snap, c)
+    after = apply_to_snapshot(snap, ds)
+    by_rung = Counter(d.rung for d in ds if d.action is Action.PRUNE
+                      and d.numbers.get("cause") == "rung")
+    for r, count in by_rung.items():
+        cohort = next(d.numbers["cohort"] for d in ds if d.rung == r and "cohort" in d.numbers)
+        assert count <= prune_quota(c.rung_rules[r], cohort)
+        stopped_at_r = sum(1 for t in after.trials if t.rung == r
+                           and t.desired_state is DesiredState.STOPPED)
+        before = sum(1 for t in snap.trials if t.rung == r
+                     and t.desired_state is DesiredState.STOPPED)
+        assert stopped_at_r - before == count + sum(
+            1 for d in ds if d.action is Action.PRUNE and d.rung == r
+            and d.numbers.get("cause") == "diverging")
+
+
+@PROPS
+@given(snapshots(), st.sampled_from(list(Policy)))
+def test_deciding_again_after_applying_adds_nothing(snap: Snapshot, policy: Policy) -> None:
+    c = cfg(policy)
+    first = decide(snap, c)
+    after = apply_to_snapshot(snap, first)
+    again = decide(after, c)
+    assert {d.key for d in again} <= {d.key for d in first if d.action is Action.HOLD}
+    assert all(d.action is Action.HOLD for d in again)
+
+
+@PROPS
+@given(snapshots(), st.sampled_from(list(Policy)), st.integers(0, 2**31))
+def test_the_result_does_not_depend_on_trial_order(snap: Snapshot, policy: Policy,
+                                                   shuffle_seed: int) -> None:
+    trials = list(snap.trials)
+    random.Random(shuffle_seed).shuffle(trials)
+    a = decide(snap, cfg(policy))
+    b = decide(replace(snap, trials=tuple(trials)), cfg(policy))
+    assert sorted(map(repr, a)) == sorted(map(repr, b))
+
+
+@PROPS
+@given(snapshots())
+def test_every_decision_explains_itself(snap: Snapshot) -> None:
+    for d in decide(snap, cfg()):
+        assert d.reason and d.canon_name
+        if d.action in (Action.PRUNE, Action.KEEP, Action.PROMOTE, Action.VERDICT):
+            assert {"state", "delta", "slope", "rank", "score"} <= set(d.numbers) or (
+                d.numbers.get("cause") == "diverging")
+
+
+# -- the rules one by one -----------------------------------------------------------------------
+def test_rung_zero_only_collects() -> None:
+    snap = make(4, [100] * 4, [0.0, 0.1, 0.2, 0.3])
+    ds = decide(snap, cfg(Policy.SEED))
+    assert {d.action for d in ds} == {Action.KEEP} and {d.rung for d in ds} == {0}
+
+
+def test_seed_policy_prunes_the_bottom_half_at_rung_one_and_says_when_it_cannot_fit() -> None:
+    snap = make(6, [200] * 6, [0.0, 0.05, 0.1, 0.15, 0.2, 0.25], rungs=[0] * 6)
+    ds = decide(snap, cfg(Policy.SEED))
+    pruned = sorted(d.canon_name[-3:] for d in ds if d.action is Action.PRUNE)
+    assert pruned == ["103", "104", "105"]
+    assert all(d.rung == 1 for d in ds)
+    short = make(4, [100] * 4, [0.0, 0.1, 0.2, 0.3], rungs=[-1] * 4)
+    short = replace(short, trials=tuple(replace(t, steps=t.steps[-2:], bpb=t.bpb[-2:])
+                                        for t in short.trials))
+    reasons = [d.reason for d in decide(short, DecisionConfig(policy=Policy.SEED,
+                                                              rungs=(100, 200)))]
+    assert all("too little to fit" in r for r in reasons if "rank" in r)
+
+
+def test_gardener_keeps_what_it_cannot_tell_apart_and_prunes_clear_losers() -> None:
+    close = make(6, [400] * 6, [0.0, 0.0005, 0.001, 0.0015, 0.002, 0.0025], noise=0.0005,
+                 rungs=[1] * 6)
+    assert not [d for d in decide(close, cfg()) if d.action is Action.PRUNE]
+    far = make(6, [400] * 6, [0.0, 0.001, 0.002, 0.5, 0.6, 0.7], noise=0.001, rungs=[1] * 6)
+    pruned = sorted(d.canon_name[-3:] for d in decide(far, cfg()) if d.action is Action.PRUNE)
+    assert pruned == ["103", "104", "105"]
+
+
+def test_top3_then_promote_and_mirror_with_fresh_seeds() -> None:
+    snap = make(5, [800] * 5, [0.0, 0.1, 0.2, 0.3, 0.4], rungs=[2] * 5, noise=0.0005)
+    ds = decide(snap, cfg(Policy.SEED))
+    promote = [d for d in ds if d.action is Action.PROMOTE]
+    mirror = [d for d in ds if d.action is Action.MIRROR]
+    assert [d.canon_name[-3:] for d in promote] == ["100"]
+    assert len(mirror) == 1 and len(mirror[0].spawn) == 3
+    # Seed 101 is taken, so one sibling (99), then phi anchors.
+    assert [nt.seed_strategy for nt in mirror[0].spawn] == ["sibling", "phi-anchored",
+                                                             "phi-anchored"]
+    assert mirror[0].spawn[0].seed == 99
+    assert {nt.seed for nt in mirror[0].spawn}.isdisjoint(range(100, 105))
+    after = apply_to_snapshot(snap, ds)
+    assert len(after.trials) == 8 and decide(after, cfg(Policy.SEED)) == []
+
+
+def test_diverging_is_killed_at_once_and_replaced() -> None:
+    snap = make(3, [300, 300, 300], [0.0, 0.02, 0.0], rungs=[1, 1, 1])
+    rng = np.random.default_rng(1)
+    s, y = curve(300, 0.0, 0.0, rng, drift=0.003)
+    bad = replace(snap.trials[2], steps=s, bpb=y + 0.01)
+    snap = replace(snap, trials=(*snap.trials[:2], bad))
+    ds = decide(snap, cfg())
+    kinds = {(d.action, d.canon_name[-3:]) for d in ds}
+    assert (Action.PRUNE, "102") in kinds and (Action.REPLACE, "102") in kinds
+    rep = next(d for d in ds if d.action is Action.REPLACE)
+    assert rep.spawn[0].seed_strategy == "phi-anchored" and rep.spawn[0].parent == bad.canon_name
+
+
+def test_paused_holds_every_mutating_decision() -> None:
+    snap = make(6, [200] * 6, [0.0, 0.05, 0.1, 0.15, 0.2, 0.25], rungs=[0] * 6, paused=True)
+    ds = decide(snap, cfg(Policy.SEED))
+    assert not [d for d in ds if d.mutates]
+    held = [d for d in ds if d.action is Action.HOLD]
+    assert len(held) == 3 and all("paused" in d.reason for d in held)
+    assert decide(apply_to_snapshot(snap, ds), cfg(Policy.SEED)) == [
+        d for d in ds if d.action is Action.HOLD
+    ]
+
+
+def test_a_blocking_tripwire_holds_everything() -> None:
+    other = TripwireEvent("ledger_split", None, {}, blocks_promotions=True)
+    snap = make(6, [200] * 6, [0.0, 0.05, 0.1, 0.15, 0.2, 0.25], rungs=[0] * 6,
+                open_tripwires=(other,))
+    assert not [d for d in decide(snap, cfg(Policy.SEED)) if d.mutates]
+
+
+def test_the_floor_tripwire_quarantines_holds_promotions_and_lets_prunes_go() -> None:
+    snap = make(5, [800] * 5, [0.0, 0.1, 0.2, 0.3, 0.4], rungs=[2] * 5, noise=0.0005)
+    corrupt = replace(snap.trials[4], bpb=np.full(len(snap.trials[4].bpb), 1.2))
+    snap = replace(snap, trials=(*snap.trials[:4], corrupt))
+    ds = decide(snap, cfg(Policy.SEED))
+    assert any(d.action is Action.TRIPWIRE and d.numbers["kind"] == "below_floor" for d in ds)
+    assert {d.numbers.get("held_action") for d in ds if d.action is Action.HOLD} == {
+        "promote", "mirror"}
+    assert all(d.canon_name != corrupt.canon_name for d in ds if d.action is not Action.TRIPWIRE)
+    assert leader_of(snap, cfg(Policy.SEED)) == snap.trials[0].canon_name
+    after = apply_to_snapshot(snap, ds)
+    again = decide(after, cfg(Policy.SEED))
+    assert all(d.action is Action.HOLD for d in again)
+    reviewed = replace(after, reviewed_tripwires=frozenset({f"below_floor:{corrupt.canon_name}"}))
+    assert {d.action for d in decide(reviewed, cfg(Policy.SEED))} >= {Action.PROMOTE}
+
+
+def test_verdict_at_the_last_rung_reports_gate_2() -> None:
+    snap = make(3, [3200] * 3, [0.0, 0.1, 0.2], rungs=[4] * 3)
+    ds = decide(snap, cfg())
+    assert {d.action for d in ds} == {Action.VERDICT}
+    assert all("gate-2" in d.reason and d.numbers["trial_passes"] is False for d in ds)
+
+
+def test_rules_fit_any_ladder() -> None:
+    assert rules_for(6)[3] is RungRule.PROMOTE
+    assert rules_for(3) == (RungRule.COLLECT, RungRule.HALVE, RungRule.VERDICT)
+    assert rules_for(8)[:3] == (RungRule.COLLECT, RungRule.HALVE, RungRule.HALVE)
+    assert len(rules_for(8)) == 8
