@@ -27,9 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_lines import (
     DEFAULT_DSN,
     add_trials,
+    backend_cpu,
+    cpu_delta,
     drop_database,
     loadavg,
     make_database,
+    proc_cpu,
 )
 
 TOKEN = "bench-token-acc1"
@@ -143,9 +146,29 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             lines_bodies.append(json.dumps({"canon_name": t, "lines": lines}).encode())
 
         load_before = loadavg()
-        s_secs, s_acc, s_other = await post_all(base, structured, args.connections)
-        l_secs, l_acc, l_other = await post_all(base, lines_bodies, args.connections)
+        conn = await db.connect(dsn)
+        try:
+            cpu: dict[str, dict[str, float]] = {}
+            for phase, bodies in (("structured", structured), ("lines", lines_bodies)):
+                pg0, srv0, cli0 = (
+                    await backend_cpu(conn, name),
+                    proc_cpu(proc.pid),
+                    time.process_time(),
+                )
+                secs, acc, other = await post_all(base, bodies, args.connections)
+                cpu[phase] = {
+                    "seconds": secs,
+                    "accepted": acc,
+                    "other": other,
+                    "client_cpu_s": time.process_time() - cli0,
+                    "server_cpu_s": proc_cpu(proc.pid) - srv0,
+                    "postgres_cpu_s": cpu_delta(pg0, await backend_cpu(conn, name)),
+                }
+        finally:
+            await conn.close()
         load_after = loadavg()
+        s_secs, s_acc, s_other = (cpu["structured"][k] for k in ("seconds", "accepted", "other"))
+        l_secs, l_acc, l_other = (cpu["lines"][k] for k in ("seconds", "accepted", "other"))
         total = args.batches * per
         assert s_acc == total and l_acc == total, (s_acc, s_other, l_acc, l_other)
         conn = await db.connect(dsn)
@@ -164,6 +187,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "structured_samples_per_s": round(s_rate),
             "lines_seconds": round(l_secs, 3),
             "lines_samples_per_s": round(l_rate),
+            # CPU seconds of the three processes (httpx client, uvicorn server, PostgreSQL
+            # backends) per phase: what the work costs, whatever else the machine runs.
+            "cpu": {
+                phase: {k: round(v, 3) for k, v in c.items() if k.endswith("cpu_s")}
+                for phase, c in cpu.items()
+            },
             "target_samples_per_s": 10_000,
             "meets_target": min(s_rate, l_rate) >= 10_000,
             "cpus": os.cpu_count(),

@@ -229,6 +229,21 @@ def parse_structured(item: Any) -> tuple[str | None, Sample | Rejected]:
     ``ts`` is optional: ISO 8601 (a naive time is UTC) or seconds since the epoch.
     """
 
+    if type(item) is dict and len(item) == 3:  # the common shape, checked in a few steps
+        name, step, value = item.get("canon_name"), item.get("step"), item.get("bpb")
+        if (
+            type(name) is str
+            and name
+            and type(step) is int
+            and 0 <= step <= MAX_STEP
+            and type(value) is float
+            and 0.0 <= value < MAX_BPB
+        ):
+            scaled = value * 10_000
+            units = round(scaled)
+            if abs(scaled - units) <= 1e-6 * max(1.0, scaled) and check_sample(step, value) is None:
+                return name, Sample(step, units / 10_000, "", None, item)
+
     def bad(code: str, detail: str) -> Rejected:
         return reject(_raw_json(item), code, detail)
 

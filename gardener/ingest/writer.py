@@ -62,13 +62,12 @@ class ItemResult:
     code: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status}
-        if self.reason is not None:
-            out["code"] = self.code
-            out["reason"] = self.reason
-        return out
+        if self.reason is None:
+            return _STATUS_JSON[self.status]
+        return {"status": self.status, "code": self.code, "reason": self.reason}
 
 
+_STATUS_JSON = {s: {"status": s} for s in (ACCEPTED, DUPLICATE, CORPUS, DONE, IGNORED)}
 R_ACCEPTED = ItemResult(ACCEPTED)
 R_DUPLICATE = ItemResult(DUPLICATE)
 R_CORPUS = ItemResult(CORPUS)
@@ -238,7 +237,7 @@ class SampleWriter:
         pool: asyncpg.Pool,
         *,
         max_batch: int = 10_000,
-        max_latency: float = 0.05,
+        max_latency: float = 0.005,
         max_in_flight: int = 2,
         channel: str = CHANNEL,
     ) -> None:
@@ -352,6 +351,8 @@ class SampleWriter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # A free slot first: while both batches are in flight, items gather anyway.
+            await self._slots.acquire()
             delay = self._first_at + self.max_latency - loop.time()
             if (
                 delay > 0
@@ -363,7 +364,6 @@ class SampleWriter:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._hurry.wait()
-            await self._slots.acquire()  # at most max_in_flight batches at once
             jobs = self._take()
             try:
                 await self._resolve_trials(jobs)
