@@ -268,3 +268,20 @@ def test_safe_text_keeps_postgres_happy() -> None:
     assert P.safe_text("\ud800x") == "\\ud800x"
     long = "x" * (P.MAX_RAW + 5)
     assert P.safe_text(long) == "x" * P.MAX_RAW + "...[5 more chars cut]"
+
+
+@settings(max_examples=400)
+@given(st.one_of(st.floats(), st.integers(min_value=-5, max_value=20)), st.integers())
+def test_any_posted_number_is_refused_or_kept_to_four_decimals(value: float, step: int) -> None:
+    _, s = P.parse_structured({"canon_name": "X", "step": step, "bpb": value})
+    if isinstance(s, P.Sample):
+        assert 0 <= step <= P.MAX_STEP and s.step == step
+        assert 0.0 <= s.bpb < P.MAX_BPB and math.isfinite(s.bpb)
+        assert s.bpb == float(f"{s.bpb:.4f}")  # four decimals exactly, as L-R8 writes them
+        assert abs(s.bpb - value) <= 1e-6 * max(1.0, abs(value))
+    else:
+        assert s.reason.startswith(s.code + ": ")
+        bad_value = not (math.isfinite(value) and 0 <= value < P.MAX_BPB) or abs(
+            value * 10_000 - round(value * 10_000)
+        ) > 1e-6 * max(1.0, value * 10_000)
+        assert bad_value or not 0 <= step <= P.MAX_STEP
