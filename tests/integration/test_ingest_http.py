@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -35,38 +36,62 @@ async def _admit(conn: asyncpg.Connection) -> None:
     await trials.admit(conn, "r2", "acc2", [trials.Admission(canon=canon.parse(A2))])
 
 
+@contextlib.asynccontextmanager
+async def _serve(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """A real uvicorn on 127.0.0.1 (a free port) and an httpx client for it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            yield c
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+        sock.close()
+
+
+def _settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("GARDENER_INGEST_TOKEN_ACC1", TOK1)
+    monkeypatch.setenv("GARDENER_INGEST_TOKEN_ACC2", TOK2)
+    monkeypatch.delenv("GARDENER_INGEST_TOKEN_ACC3", raising=False)
+    return Settings(accounts=("acc1", "acc2", "acc3"))
+
+
 @pytest.fixture
 async def client(
     pool: asyncpg.Pool, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[httpx.AsyncClient]:
     await _admit(conn)
-    monkeypatch.setenv("GARDENER_INGEST_TOKEN_ACC1", TOK1)
-    monkeypatch.setenv("GARDENER_INGEST_TOKEN_ACC2", TOK2)
-    monkeypatch.delenv("GARDENER_INGEST_TOKEN_ACC3", raising=False)
-    settings = Settings(accounts=("acc1", "acc2", "acc3"))
+    settings = _settings(monkeypatch)
     async with SampleWriter(pool, max_latency=0.005) as writer:
         app = Starlette(routes=routes(writer, settings, max_items=50, max_body=64 * 1024))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        async with _serve(app) as c:
+            yield c
+
+
+async def test_a_writer_that_cannot_write_answers_503(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = SampleWriter(pool)  # never started
+    app = Starlette(routes=routes(writer, _settings(monkeypatch)))
+    async with _serve(app) as c:
+        r = await c.post(
+            "/v1/samples",
+            json={"samples": [{"canon_name": A1, "step": 1, "bpb": 2.5}]},
+            headers=_auth(TOK1),
         )
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            for _ in range(500):
-                if server.started:
-                    break
-                await asyncio.sleep(0.01)
-            assert server.started
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-                yield c
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 10)
-            sock.close()
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
 
 
 def _auth(token: str) -> dict[str, str]:
