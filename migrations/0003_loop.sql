@@ -10,3 +10,14 @@ ALTER TABLE igla_race_trials ADD COLUMN observed_at timestamptz;
 
 -- The loop asks "which running trials of running races" every tick.
 CREATE INDEX races_running ON races (name) WHERE status = 'running';
+
+-- A change of what a trial should be doing (a kill from the CLI, a teardown, a new trial)
+-- wakes the reconciler at once; the payload is only a hint, the reconciler reads the table.
+CREATE FUNCTION igla_race_trials_desired_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('gardener_desired', NEW.canon_name);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER igla_race_trials_desired_changed
+    AFTER INSERT OR UPDATE OF desired_state ON igla_race_trials
+    FOR EACH ROW EXECUTE FUNCTION igla_race_trials_desired_notify();

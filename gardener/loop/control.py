@@ -1,7 +1,8 @@
 """How the loop is woken and steered: LISTEN on a dedicated connection, and shared state.
 
-NOTIFY is only a hint: ``gardener_samples`` wakes the tick early, ``gardener_control`` flips
-the pause flag at once (so a pause takes effect well within a second); the tick re-reads the
+NOTIFY is only a hint: ``gardener_samples`` wakes the tick early, ``gardener_desired`` wakes
+the reconciler when a trial's desired state changed, ``gardener_control`` flips the pause
+flag at once (so a pause takes effect well within a second); the tick re-reads the
 flag from the table each time and finds new samples by watermark, so a lost notification
 costs at most one poll interval. The listening connection lives outside the pool and is
 re-opened when it drops.
@@ -25,6 +26,7 @@ from gardener.ledger.control import CONTROL_CHANNEL
 from gardener.loop import metrics
 
 SAMPLES_CHANNEL = "gardener_samples"
+DESIRED_CHANNEL = "gardener_desired"  # igla_race_trials.desired_state changed (0003_loop.sql)
 log = structlog.get_logger("gardener.loop.control")  # lazy: resolved after logs.configure
 
 
@@ -33,8 +35,10 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._event = anyio.Event()
+        self.seq = 0  # counts wake-ups, so a caller can tell whether one came since it looked
 
     def set(self) -> None:
+        self.seq += 1
         self._event.set()
 
     async def wait(self, seconds: float) -> bool:
@@ -76,6 +80,16 @@ class LoopState:
             self.tick_wakeup.set()
             self.reconcile_wakeup.set()
 
+    observed_changed: bool = False  # the reconciler wrote observed states since the last tick
+
+    def note_observed_changed(self) -> None:
+        self.observed_changed = True
+        self.tick_wakeup.set()
+
+    def take_observed_changed(self) -> bool:
+        changed, self.observed_changed = self.observed_changed, False
+        return changed
+
     def request_stop(self) -> None:
         self.stop.set()
         self.tick_wakeup.set()
@@ -83,7 +97,7 @@ class LoopState:
 
 
 class Listener:
-    """LISTEN on ``gardener_samples`` and ``gardener_control``; reconnect when it drops."""
+    """LISTEN on the samples, desired and control channels; reconnect when it drops."""
 
     def __init__(
         self,
@@ -107,6 +121,9 @@ class Listener:
         if self.on_samples is not None:
             self.on_samples()
 
+    def _desired(self, *_: Any) -> None:
+        self.state.reconcile_wakeup.set()
+
     def _control(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
             data = json.loads(payload)
@@ -126,6 +143,7 @@ class Listener:
                 conn = await db.connect(self.dsn)
                 await conn.add_listener(SAMPLES_CHANNEL, self._samples)
                 await conn.add_listener(CONTROL_CHANNEL, self._control)
+                await conn.add_listener(DESIRED_CHANNEL, self._desired)
                 row = await conn.fetchrow("SELECT paused, reason, changed_by FROM gardener_control")
                 if row is not None:
                     self.state.set_paused(row["paused"], row["reason"], row["changed_by"], "read")

@@ -137,8 +137,8 @@ async def serve(
     install_signal_handlers: bool = True,
     http: bool = True,
     state: LoopState | None = None,
-    reconcile_interval: float = 5.0,
-    log_interval: float = 1.0,
+    reconcile_interval: float = 15.0,
+    log_interval: float = 2.0,
 ) -> None:
     """Run the worker loop until ``stop`` is set (or SIGTERM/SIGINT); see the module doc.
 

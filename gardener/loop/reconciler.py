@@ -12,6 +12,7 @@ writer's unique key makes the re-delivery a no-op.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -116,6 +117,7 @@ class Reconciler:
         *,
         interval: float = 10.0,
         log_interval: float = 2.0,
+        max_log_interval: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
@@ -130,6 +132,9 @@ class Reconciler:
         self.cursors: dict[str, str | None] = {}
         self.drained: set[str] = set()  # services in a final state whose log was read to the end
         self.known: dict[str, tuple[str, Status]] = {}  # canon_name -> (account, status)
+        self._specs: dict[tuple[Any, ...], ServiceSpec] = {}
+        self._tail_due: dict[str, tuple[float, float]] = {}  # name -> (next tail, interval)
+        self.max_log_interval = max_log_interval
         try:
             self.models: ModelsConfig | None = load_models_config()
         except GardenerError as exc:
@@ -161,7 +166,7 @@ class Reconciler:
                 observed = await self._observe_only(backend)
                 reports[acc] = None
             else:
-                specs = [build_spec(r, self.settings, self.models) for r in mine]
+                specs = [self._spec(r) for r in mine]
                 report = await reconcile_once(specs, backend, backoff=self.backoffs[acc])
                 reports[acc] = report
                 observed = backend.last if report.observe_error is None else None
@@ -174,6 +179,24 @@ class Reconciler:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         self.state.last_reconcile_at = time.time()
         return reports
+
+    def _spec(self, row: Mapping[str, Any]) -> ServiceSpec:
+        """``build_spec``, cached on the row's contents: a pass over a thousand unchanged
+        trials costs dictionary look-ups, not a thousand variable tables."""
+        key = (
+            row["canon_name"],
+            row["desired_state"],
+            row["steps"],
+            row["horizon"],
+            row["hidden_size"],
+            json.dumps(row["variables"] or {}, sort_keys=True, default=str),
+        )
+        spec = self._specs.get(key)
+        if spec is None:
+            if len(self._specs) > 100_000:
+                self._specs.clear()
+            spec = self._specs[key] = build_spec(row, self.settings, self.models)
+        return spec
 
     async def _observe_only(self, backend: ObservingBackend) -> list[ServiceState] | None:
         try:
@@ -211,7 +234,7 @@ class Reconciler:
         if updates:
             async with self.pool.acquire() as conn:
                 await conn.executemany(Q.set_observed, updates)
-            self.state.tick_wakeup.set()  # a trial may have finished: the race may be done
+            self.state.note_observed_changed()  # a trial may have finished: the race may be done
 
     # -- logs ---------------------------------------------------------------------------------
     def _drained(self, name: str, status: Status) -> None:
@@ -220,20 +243,22 @@ class Reconciler:
             self.state.reconcile_wakeup.set()  # its final state can be written now
 
     async def pump_logs(self) -> None:
-        """Tail every known service every ``log_interval`` and feed the writer."""
+        """Tail the known services and feed the writer; a quiet service is tailed less often
+        (``log_interval`` doubling up to ``max_log_interval``), one that talks at once again."""
         if self.sink is None:
             return
         while not self.state.stop.is_set():
-            await self.pump_once()
+            await self.pump_once(respect_backoff=True)
             with anyio.move_on_after(self.log_interval):
                 await self.state.stop.wait()
 
-    async def pump_once(self, concurrency: int = 8) -> int:
+    async def pump_once(self, concurrency: int = 8, *, respect_backoff: bool = False) -> int:
         """One round of tails; returns the number of lines handed over."""
         if self.sink is None:
             return 0
         total = 0
         gate = anyio.Semaphore(concurrency)
+        now = self.clock()
 
         async def one(name: str, account: str, status: Status) -> None:
             nonlocal total
@@ -251,8 +276,12 @@ class Reconciler:
                     log.warning("tail_failed", canon_name=name, error=str(exc))
                     return
                 if not lines:
+                    _, quiet = self._tail_due.get(name, (now, self.log_interval / 2))
+                    quiet = min(quiet * 2, self.max_log_interval)
+                    self._tail_due[name] = (now + quiet, quiet)
                     self._drained(name, status)
                     return
+                self._tail_due[name] = (now + self.log_interval, self.log_interval)
                 assert self.sink is not None
                 await self.sink.submit_lines(
                     name, [ln.message for ln in lines], f"{backend.kind}-log"
@@ -263,6 +292,10 @@ class Reconciler:
 
         async with anyio.create_task_group() as tg:
             for name, (account, status) in list(self.known.items()):
-                if name not in self.drained:
-                    tg.start_soon(one, name, account, status)
+                if name in self.drained:
+                    continue
+                due, _ = self._tail_due.get(name, (now, 0.0))
+                if respect_backoff and due > now and status not in _FINAL:
+                    continue
+                tg.start_soon(one, name, account, status)
         return total

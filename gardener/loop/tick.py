@@ -7,9 +7,12 @@ Which races, each tick:
   level-triggered rescan of every live trial runs at start and every ``rescan_every``
   seconds, so a row committed late (ids are handed out before commit) or a lost
   notification is still seen. Crossing races are decided in the same tick.
+- a new sample below the architectural floor: decided at once as well.
 - new samples without a crossing: the race is decided at most every ``min_interval`` (the
-  core may kill a DIVERGING trial or fire a tripwire at any step).
-- stalls: a trial that should run and has been silent longer than ``stall_after``.
+  core may kill a DIVERGING trial or fire a tripwire at any step), after the crossings and
+  within ``soft_budget`` seconds per tick, so a crossing never waits long behind them.
+- stalls: a trial that should run and has been silent longer than ``stall_after`` (looked
+  for at each rescan).
 
 Then every running race whose trials all ended is marked done (and torn down if its config
 says ``auto_teardown``). Mutating work stops while paused: decisions come back from the core
@@ -78,6 +81,7 @@ class Ticker:
         backend: str = "local",
         rescan_every: float = 30.0,
         min_interval: float | None = None,
+        soft_budget: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         on_desired_change: Callable[[], None] | None = None,
     ) -> None:
@@ -88,16 +92,21 @@ class Ticker:
         self.decided_by = decided_by
         self.backend = backend
         self.rescan_every = rescan_every
-        self.min_interval = settings.poll_interval if min_interval is None else min_interval
+        self.min_interval = (
+            max(5 * settings.poll_interval, 10.0) if min_interval is None else min_interval
+        )
+        self.soft_budget = soft_budget
         self.clock = clock
         self.on_desired_change = on_desired_change
         self.base = base_config(settings)
+        self.floor = self.base.architectural_floor_bpb
         self.watermark: int | None = None
         self._last_rescan = float("-inf")
         self._last_decided: dict[str, float] = {}
         self._soft: set[str] = set()  # races with new samples, decided at most every min_interval
         self._holding: set[str] = set()  # races whose last decide held something
         self._was_paused: bool | None = None
+        self._was_paused_before = False  # this tick is the first after a resume
 
     # -- helpers ------------------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -144,37 +153,54 @@ class Ticker:
             races = await self._races(conn)
             now = self.clock()
             crossing: set[str] = set()
+            # Wake-ups from here on may be new samples this tick does not see: it yields to them.
+            seen_wakeups = self.state.tick_wakeup.seq if self.state is not None else 0
             high = int(await conn.fetchval(Q.max_sample_id))
             first = self.watermark is None
-            if first or now - self._last_rescan >= self.rescan_every:
+            rescan = first or now - self._last_rescan >= self.rescan_every
+            if rescan:
                 crossing |= self._crossed(races, await conn.fetch(Q.live_trial_steps))
+                # Stalls are minutes long: looking for them at each rescan is soon enough.
+                for r in await conn.fetch(Q.stalled_candidates, float(self.settings.stall_after)):
+                    if r["race"] in races:
+                        crossing.add(r["race"])
                 self._last_rescan = now
                 if first:
                     self._soft |= set(races)  # after a restart: look at every race once
             if self.watermark is not None and high > self.watermark:
                 rows = await conn.fetch(Q.new_samples_since, self.watermark, high)
                 crossing |= self._crossed(races, rows)
+                # A sample below the floor is looked at now, not at the next rung.
+                crossing |= {
+                    r["race"] for r in rows if r["race"] in races and r["min_bpb"] < self.floor
+                }
                 self._soft |= {r["race"] for r in rows if r["race"] in races}
             self.watermark = high
-            for r in await conn.fetch(Q.stalled_candidates, float(self.settings.stall_after)):
-                if r["race"] in races:
-                    crossing.add(r["race"])
-            if self._was_paused and not paused:
-                crossing |= self._holding & set(races)  # resumed: held decisions go now
-            self._was_paused = paused
             # A race that only holds does not need deciding on every sample.
             held_again = crossing & self._holding
             crossing -= held_again
             self._soft |= held_again
-            due = set(crossing)
-            for name in list(self._soft):
+            self._was_paused_before = bool(self._was_paused) and not paused
+            if self._was_paused_before:
+                crossing |= self._holding & set(races)  # resumed: held decisions go now
+            self._was_paused = paused
+            soft_due: list[str] = []
+            for name in sorted(self._soft - crossing):
                 if name not in races:
                     self._soft.discard(name)
                 elif now - self._last_decided.get(name, float("-inf")) >= self.min_interval:
-                    due.add(name)
+                    soft_due.append(name)
             report.crossings = sorted(crossing)
-            for name in sorted(due):
+            # Crossings first; the other races only within a time budget, and not once a new
+            # notification is waiting (it may be a crossing): they stay due for the next tick.
+            soft_until = time.perf_counter() + self.soft_budget
+            for name in [*sorted(crossing), *soft_due]:
                 if self._stopping():
+                    break
+                if name not in crossing and (
+                    time.perf_counter() > soft_until
+                    or (self.state is not None and self.state.tick_wakeup.seq != seen_wakeups)
+                ):
                     break
                 self._soft.discard(name)
                 self._last_decided[name] = now
@@ -190,11 +216,26 @@ class Ticker:
                     report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
                     log.exception("race_decide_failed", race=name, account=race.account)
                     self._soft.add(name)
-            if not paused and not self._stopping():
+            # Races end when trials end (the reconciler saw it) or were stopped (a decision).
+            observed = self.state is None or self.state.take_observed_changed()
+            if (
+                not paused
+                and not self._stopping()
+                and (observed or rescan or report.applied or self._was_paused_before)
+            ):
                 # A race still waiting for a decide is not finished yet, whatever its trials do.
                 await self._finish_races(conn, races, high, set(self._soft), report)
         report.seconds = time.perf_counter() - started
         metrics.TICK_SECONDS.observe(report.seconds)
+        if report.decided or report.finished:
+            log.debug(
+                "tick",
+                seconds=round(report.seconds, 4),
+                crossings=report.crossings,
+                decided=report.decided,
+                applied=report.applied,
+                held=report.held,
+            )
         if self.state is not None:
             self.state.last_tick_at = time.time()
         return report

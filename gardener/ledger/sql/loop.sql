@@ -8,7 +8,8 @@ SELECT coalesce(max(id), 0) FROM bpb_samples
 
 -- name: new_samples_since
 -- The trials that got samples with id in ($1, $2], their highest step among them, and their race.
-SELECT s.canon_name, max(s.step) AS max_step, t.race, t.rung, t.desired_state
+SELECT s.canon_name, max(s.step) AS max_step, min(s.bpb) AS min_bpb, t.race, t.rung,
+       t.desired_state
 FROM bpb_samples s
 JOIN igla_race_trials t ON t.canon_name = s.canon_name
 JOIN races r ON r.name = t.race AND r.status = 'running'
@@ -143,7 +144,7 @@ WHERE race = $1 AND desired_state <> 'removed'
 -- name: desired_trials
 -- What the reconciler should drive: every trial of a race that is not done with, or not removed.
 SELECT t.canon_name, t.account, t.race, t.desired_state, t.observed_state, t.steps,
-       t.hidden_size, t.variables, t.service_id, t.deployment_id, t.backend
+       t.hidden_size, t.variables, t.service_id, t.deployment_id, t.backend, r.horizon
 FROM igla_race_trials t
 JOIN races r ON r.name = t.race
 WHERE r.kind <> 'backtest'
