@@ -2,9 +2,10 @@
 
 The trainer emulates low-precision training by rounding weights and activations to the race's
 format after every operation that produces them (values stay in float32 storage). Rounding is
-round-to-nearest, ties to even, computed exactly: for a value with binary exponent e (clamped
-at the format's smallest normal exponent, which yields subnormals where a format has them) the
-quantum is ``2**(e - mantissa_bits)`` and ``rint`` of the value in quanta is exact in float64.
+to nearest (ties to even; DLFLOAT ties away from zero), computed exactly: for a value with
+binary exponent e (clamped at the format's smallest normal exponent, which yields subnormals
+where a format has them) the quantum is ``2**(e - mantissa_bits)`` and rounding the value in
+quanta to an integer is exact in float64.
 
 Formats (sign:exponent:mantissa):
   BF16     1:8:7,  IEEE-like, subnormals, overflow to inf
@@ -13,7 +14,8 @@ Formats (sign:exponent:mantissa):
   GF16     1:6:9,  bias 31, value (-1)^s 2^(e-31) (1 + m/512); e = 63 is inf (m = 0) or NaN,
            e = 0 is zero; no subnormals: magnitudes below 2^-30 flush to (signed) zero
   DLFLOAT  1:6:9,  bias 31, IBM's DLFloat: no subnormals, one all-ones code for NaN/inf, so
-           exponent field 63 holds finite numbers (max 2^32 (1 + 510/512)); the bottom is
+           exponent field 63 holds finite numbers (max 2^32 (1 + 510/512)), and its single
+           simplified rounding mode, round-nearest-up (ties away from zero); the bottom is
            taken to be as in GF16 (flush below 2^-30)
 Flushing looks at the magnitude before rounding: ``|x| < min_normal`` gives zero.
 """
@@ -40,6 +42,7 @@ class NumberFormat:
     max_finite: float
     subnormals: bool
     overflow: Literal["inf", "nan"]
+    ties: Literal["even", "away"] = "even"
 
     @property
     def min_normal(self) -> float:
@@ -51,7 +54,7 @@ FORMATS: dict[str, NumberFormat] = {
     "FP8E4M3": NumberFormat("FP8E4M3", 3, -6, 448.0, True, "nan"),
     "FP8E5M2": NumberFormat("FP8E5M2", 2, -14, 57344.0, True, "inf"),
     "GF16": NumberFormat("GF16", 9, -30, math.ldexp(1023.0, 31 - 9), False, "inf"),
-    "DLFLOAT": NumberFormat("DLFLOAT", 9, -30, math.ldexp(1022.0, 32 - 9), False, "inf"),
+    "DLFLOAT": NumberFormat("DLFLOAT", 9, -30, math.ldexp(1022.0, 32 - 9), False, "inf", "away"),
 }
 FORMAT_NAMES: tuple[str, ...] = ("FP32", *FORMATS)
 
@@ -63,7 +66,7 @@ _GF16_NAN = 0x7F00
 
 
 def round_to(x: npt.ArrayLike, fmt: str | NumberFormat) -> FloatArray:
-    """Round every element of ``x`` to the nearest value of ``fmt`` (ties to even).
+    """Round every element of ``x`` to the nearest value of ``fmt`` (ties as the format says).
 
     Returns an array of the input's float dtype (float64 for non-float input); "FP32" rounds
     to float32. Every format here is exactly representable in float32.
@@ -84,7 +87,12 @@ def round_to(x: npt.ArrayLike, fmt: str | NumberFormat) -> FloatArray:
         mag = np.abs(v)
         _, e = np.frexp(mag)
         e = np.maximum(e - 1, fmt.min_exponent) - fmt.mantissa_bits
-        y = np.ldexp(np.rint(np.ldexp(v, -e)), e)
+        scaled = np.ldexp(v, -e)
+        if fmt.ties == "even":
+            whole = np.rint(scaled)
+        else:  # |scaled| < 2^(mantissa_bits + 2): adding a half is exact in float64
+            whole = np.copysign(np.floor(np.abs(scaled) + 0.5), scaled)
+        y = np.ldexp(whole, e)
         too_big = np.abs(y) > fmt.max_finite
         if fmt.overflow == "nan":
             y = np.where(too_big | np.isinf(v), np.nan, y)
@@ -107,10 +115,13 @@ def _round_f32(x: npt.NDArray[np.float32], fmt: NumberFormat) -> npt.NDArray[np.
     shift = 23 - fmt.mantissa_bits
     bits = np.ascontiguousarray(x).view(np.uint32)
     mag = bits & np.uint32(0x7FFFFFFF)
-    r = bits >> np.uint32(shift)
-    r &= np.uint32(1)
-    r += np.uint32((1 << (shift - 1)) - 1)
-    r += bits  # wraps only for NaN patterns, which are replaced below
+    if fmt.ties == "even":
+        r = bits >> np.uint32(shift)
+        r &= np.uint32(1)
+        r += np.uint32((1 << (shift - 1)) - 1)
+        r += bits  # wraps only for NaN patterns, which are replaced below
+    else:  # sign-magnitude: half a quantum added to the magnitude rounds ties away from zero
+        r = bits + np.uint32(1 << (shift - 1))
     r &= np.uint32(~((1 << shift) - 1) & 0xFFFFFFFF)
     tiny = mag < _bits_of(fmt.min_normal)
     # all-ones where tiny: branch-free blends are several times faster than np.where here

@@ -129,12 +129,18 @@ def test_gf16_all_codes_round_trip():
     assert np.all(np.diff(pos) > 0)
 
 
-def test_dlfloat_top_binade_is_finite():
+def test_dlfloat_top_binade_is_finite_and_ties_go_away_from_zero():
     top = 2.0**32 * (1 + 510 / 512)
-    y = round_to(np.array([2.0**32, top, top + 2.0**22, top + 2.0**23, 2.0**-31]), "DLFLOAT")
-    np.testing.assert_array_equal(y[:3], [2.0**32, top, top])  # tie at top: even m=510 stays
-    assert np.isinf(y[3])
+    y = round_to(np.array([2.0**32, top, top + 0.99 * 2.0**22, top + 2.0**22, 2.0**-31]),
+                 "DLFLOAT")
+    np.testing.assert_array_equal(y[:3], [2.0**32, top, top])
+    assert np.isinf(y[3])  # the tie above the max goes away from zero: to the NaN/inf code
     assert y[4] == 0.0
+    ties = np.array([1.0 + 2**-10, -(1.0 + 2**-10), 1.0 + 3 * 2**-10, 1.0 + 2**-11])
+    for x in (ties, ties.astype(np.float32)):
+        np.testing.assert_array_equal(round_to(x, "DLFLOAT"),
+                                      [1.0 + 2**-9, -(1.0 + 2**-9), 1.0 + 2 * 2**-9, 1.0])
+        np.testing.assert_array_equal(round_to(x, "GF16")[:2], [1.0, -1.0])  # GF16: to even
 
 
 def test_fp32_and_unknown():
