@@ -479,7 +479,9 @@ async def _wait_gone(
     on_progress: Callable[[Progress], None] | None,
     t0: float,
 ) -> None:
-    """Until no process of the race lives and observe() shows none of it active (or timeout)."""
+    """Until no process of the race lives, observe() shows none of it active, and the worker
+    loop has written back what it saw (no trial the ledger still believes running), or
+    until the time limit."""
     end = clock() + limit_s
     names = set(ctx.expected_names)
     while clock() < end:
@@ -490,7 +492,9 @@ async def _wait_gone(
         if on_progress:
             rows = await progress_rows(conn, ctx.race, ctx.max_steps)
             on_progress(Progress(ctx.race, clock() - t0, tuple(rows), "teardown"))
-        if not procs and not active:
+        believed = [r["canon_name"] for r in await conn.fetch(Q.race_states, ctx.race)
+                    if r["observed_state"] in crit.RUNNING_OBSERVED]
+        if not procs and not active and not believed:
             return
         await anyio.sleep(poll_s)
     log().warning("smoke_teardown_timeout", race=ctx.race, timeout_s=limit_s)

@@ -54,6 +54,9 @@ async def test_reduced_smoke_race_twice_in_a_row(db_dsn: str, tmp_path: Path) ->
         rows = await conn.fetch("SELECT name, status FROM races ORDER BY created_at")
         assert [r["status"] for r in rows] == ["done", "done"]
         assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == 8
+        states = {r["observed_state"] for r in await conn.fetch(
+            "SELECT DISTINCT observed_state FROM igla_race_trials")}
+        assert not states & crit.RUNNING_OBSERVED, states  # the loop wrote back the teardown
         dup = await conn.fetchval("SELECT count(*) - count(DISTINCT exp_id) FROM exp_ids")
         assert dup == 0 and await conn.fetchval("SELECT count(*) FROM exp_ids") == 4 + 2 * 24
         # The probes left no trace: champion slots as migrated, no acc2 trial.
