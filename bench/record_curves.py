@@ -47,12 +47,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--first-exp-id", type=int, default=901, help="EXP_ID of the first run")
     args = ap.parse_args()
     tune_malloc()
     models = load_models_config()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = []
-    exp_id = 900
+    exp_id = args.first_exp_id - 1
     with args.out.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["group", "run", "step", "value"])
