@@ -289,10 +289,9 @@ class _Race:
         se = float(np.std(d, ddof=1)) / math.sqrt(m) if m >= 2 else 0.0
         remaining = max(0.0, math.log(max(self.horizon, boundary) / boundary))
         sd = math.sqrt(se**2 + 2.0 * drift * remaining)
-        # Student-t on the few recent points the jitter comes from; the level holds per
-        # comparison (a family-wise level kept every trial on real curves: see docs).
-        q = stats.t.ppf(self.cfg.level, m - 1) if m >= 2 else stats.norm.ppf(self.cfg.level)
-        z = float(q)
+        # A normal quantile, per comparison: a Student-t on the few recent points, or a
+        # family-wise level, kept nearly every trial on real curves (docs/backtest.md).
+        z = float(stats.norm.ppf(self.cfg.level))
         return {
             "points": m,
             "mean": mean,
