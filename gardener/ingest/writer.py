@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -250,7 +250,7 @@ class SampleWriter:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight: dict[asyncio.Task[None], dict[str, dict[int, int]]] = {}
         self._trials: dict[str, tuple[int, str]] = {}  # canon_name -> (seed, account)
-        self._pending: list[_Job] = []
+        self._pending: deque[_Job] = deque()
         self._pending_items = 0
         self._first_at = 0.0
         self._wake = asyncio.Event()
@@ -274,7 +274,8 @@ class SampleWriter:
         self._wake.set()
         self._hurry.set()
         task, self._task = self._task, None
-        await task
+        with contextlib.suppress(Exception):  # a writer that died has said so in the log
+            await task
 
     async def __aenter__(self) -> SampleWriter:
         await self.start()
@@ -325,7 +326,7 @@ class SampleWriter:
         source: str,
         account: str | None,
     ) -> SubmitResult:
-        if self._task is None or self._closing:
+        if self._task is None or self._closing or self._task.done():
             raise WriterClosed("the sample writer is not running")
         if not items:
             return SubmitResult([])
@@ -343,6 +344,18 @@ class SampleWriter:
     # --- the background task ------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except BaseException as exc:
+            # The writer cannot go on: nobody may wait forever for it.
+            log.error("ingest.writer_died", error=str(exc) or type(exc).__name__)
+            died = WriterClosed(f"the sample writer stopped: {exc!r}")
+            while self._pending:
+                _fail([self._pending.popleft()], died)
+            self._pending_items = 0
+            raise
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
@@ -403,7 +416,7 @@ class SampleWriter:
         taken: list[_Job] = []
         n = 0
         while self._pending and (not taken or n + len(self._pending[0].items) <= self.max_batch):
-            job = self._pending.pop(0)
+            job = self._pending.popleft()
             taken.append(job)
             n += len(job.items)
         self._pending_items -= n

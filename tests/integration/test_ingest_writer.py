@@ -366,3 +366,23 @@ async def test_a_corpus_report_alone(writer: SampleWriter, conn: asyncpg.Connect
     row = await conn.fetchrow("SELECT * FROM igla_race_trials WHERE canon_name = $1", T2)
     assert (row["corpus"], row["corpus_sha256"], row["last_step"]) == ("tinyshakespeare", SHA, None)
     assert row["corpus_reported_at"] is not None
+
+
+async def test_a_writer_that_dies_fails_its_callers_instead_of_hanging(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _admit(conn)
+    w = SampleWriter(pool, max_latency=0.0)
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(w, "_take", broken)
+    await w.start()
+    with pytest.raises(WriterClosed, match="a bug"):
+        await asyncio.wait_for(w.submit_lines(T1, ["step=1 BPB=2.0000"], "t"), 10)
+    assert not w.running
+    with pytest.raises(WriterClosed):
+        await w.submit_lines(T1, ["step=2 BPB=2.0000"], "t")
+    await w.close()
+    assert await _samples(conn, T1) == []
