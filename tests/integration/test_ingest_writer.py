@@ -386,3 +386,20 @@ async def test_a_writer_that_dies_fails_its_callers_instead_of_hanging(
         await w.submit_lines(T1, ["step=2 BPB=2.0000"], "t")
     await w.close()
     assert await _samples(conn, T1) == []
+
+
+async def test_a_failed_batch_writes_nothing_and_the_writer_goes_on(
+    writer: SampleWriter, conn: asyncpg.Connection
+) -> None:
+    await conn.execute("ALTER TABLE sample_quarantine RENAME TO sq_away")
+    with pytest.raises(asyncpg.UndefinedTableError):
+        await writer.submit_lines(T1, ["step=1 BPB=2.0000", "step=2 BPB=nan"], "t")
+    assert await _samples(conn, T1) == []  # the good sample went with the failed transaction
+    assert (
+        await conn.fetchval("SELECT last_step FROM igla_race_trials WHERE canon_name=$1", T1)
+        is None
+    )
+    await conn.execute("ALTER TABLE sq_away RENAME TO sample_quarantine")
+    res = await writer.submit_lines(T1, ["step=1 BPB=2.0000", "step=2 BPB=nan"], "t")
+    assert [r.status for r in res.items] == ["accepted", "rejected"]
+    assert await _samples(conn, T1) == [(1, 2.0)]
