@@ -15,7 +15,7 @@ import pytest
 
 from gardener.trainer import data
 from gardener.trainer.model import Arch, init_params, loss_and_grads
-from gardener.trainer.train import format_bpb, lr_at, resolve_config, run
+from gardener.trainer.train import format_bpb, lr_at, resolve_config
 
 BPB_LINE = re.compile(r"^step=(\d+) BPB=(\d\.\d{4})$")
 REPO = Path(__file__).resolve().parents[2]
@@ -32,9 +32,17 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(env: dict[str, str], argv: list[str] | None = None) -> tuple[list[str], float]:
-    lines: list[str] = []
-    bpb = run(resolve_config(env, argv or []), lines.append)
-    return lines, bpb
+    """Run ``python -m gardener.trainer`` as the backends do (one BLAS thread: in-process,
+    pytest's multi-threaded BLAS is many times slower on a loaded machine). 256 validation
+    windows instead of 1024 keep the tests fast."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TRAIN_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gardener.trainer", "--eval-size", "256", *(argv or [])],
+        env={**base, "PYTHONPATH": str(REPO), **env}, cwd=REPO, capture_output=True,
+        text=True, timeout=100, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    return lines, float(lines[-1].removeprefix("DONE: bpb="))
 
 
 @pytest.mark.parametrize("kind,blocks", [("mlp", 1), ("resmlp", 2), ("hybrid", 1)])
@@ -103,14 +111,23 @@ def test_canon_name_sets_everything(small_corpus: Path):
     assert math.isfinite(bpb) and sum(bool(BPB_LINE.match(x)) for x in lines) == 3
 
 
+FORMAT_ENV = {"TRAIN_STEPS": "30", "TRAIN_HIDDEN": "256", "TRAIN_SEED": "5",
+              "TRAIN_MODEL": "JEPA-T"}
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(small_corpus: Path) -> list[str]:
+    lines, _ = _train({**FORMAT_ENV, "TRAIN_CORPUS": str(small_corpus), "TRAIN_FORMAT": "FP32"})
+    return [x for x in lines if x.startswith("step=")]
+
+
 @pytest.mark.parametrize("fmt", ["GF16", "BF16", "DLFLOAT", "FP8E4M3", "FP8E5M2"])
-def test_formats_train_and_differ_from_fp32(fmt: str, small_corpus: Path):
-    env = {"TRAIN_CORPUS": str(small_corpus), "TRAIN_STEPS": "30", "TRAIN_HIDDEN": "256",
-           "TRAIN_SEED": "5"}
-    _, ref_bpb = _train({**env, "TRAIN_FORMAT": "FP32"})
-    _, bpb = _train({**env, "TRAIN_FORMAT": fmt})
+def test_formats_train_and_differ_from_fp32(fmt: str, small_corpus: Path,
+                                            fp32_reference: list[str]):
+    lines, bpb = _train({**FORMAT_ENV, "TRAIN_CORPUS": str(small_corpus), "TRAIN_FORMAT": fmt})
     assert math.isfinite(bpb) and bpb < 7.5
-    assert bpb != ref_bpb
+    assert [x for x in lines if x.startswith("step=")] != fp32_reference
+    assert f"format={fmt}" in lines[1]
 
 
 def test_lr9_refused_in_process_and_by_the_module(small_corpus: Path,
