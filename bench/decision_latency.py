@@ -175,6 +175,29 @@ async def background(dsn: str, live: list[tuple[str, int]], rate: float,
     return sent
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tick_figures(log: Path) -> dict[str, float] | None:
+    """Durations of the daemon's ticks that decided a crossing (debug log level only)."""
+    secs = []
+    for line in log.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "tick" and e.get("crossings"):
+            secs.append(1000 * float(e["seconds"]))
+    if not secs:
+        return None
+    a = np.asarray(secs)
+    return {"n": len(secs), "p50": round(float(np.percentile(a, 50)), 1),
+            "p99": round(float(np.percentile(a, 99)), 1)}
+
+
 async def wait_quiet(conn: asyncpg.Connection, quiet: float, limit: float) -> None:
     """Until no decision was written for ``quiet`` seconds (the daemon's start-up pass)."""
     last, since, end = -1, time.monotonic(), time.monotonic() + limit
@@ -203,6 +226,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         bg = asyncio.create_task(background(dsn, bg_live, args.background, stop))
         await asyncio.sleep(1.0)
         writer = await asyncpg.connect(dsn)
+        cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
         lat: list[float] = []
         rng = random.Random(11)
         for name, seed in live[: args.crossings]:
@@ -216,6 +240,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 await asyncio.sleep(0.01)  # polling: the figure is at most 10 ms high
             lat.append((time.perf_counter() - start) * 1000)
             await asyncio.sleep(args.gap)
+        cpu_used, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - wall0
         stop.set()
         sent = await bg
         await writer.close()
@@ -237,6 +262,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "max": round(float(a.max()), 1),
                 "mean": round(float(a.mean()), 1),
             },
+            "daemon_cpu_ms_per_crossing": round(1000 * cpu_used / max(1, len(lat)), 1),
+            "daemon_cpu_percent_of_core": round(100 * cpu_used / wall, 1),
+            "tick_ms": tick_figures(tmp / "daemon.log"),
             "target_p99_ms": 250,
             "meets_target": bool(np.percentile(a, 99) <= 250),
             "populate_s": round(populate_s, 1),
@@ -265,6 +293,7 @@ if __name__ == "__main__":
     ap.add_argument("--background", type=float, default=200.0, help="samples per second")
     ap.add_argument("--gap", type=float, default=0.02, help="seconds between crossings")
     ap.add_argument("--poll", type=float, default=2.0, help="the daemon's poll interval")
-    ap.add_argument("--log-level", default="warning", help="the daemon's log level")
+    ap.add_argument("--log-level", default="debug",
+                    help="the daemon's log level (debug: tick durations in the output)")
     ap.add_argument("--keep", action="store_true", help="keep the daemon log directory")
     print(json.dumps(asyncio.run(main(ap.parse_args())), indent=2))

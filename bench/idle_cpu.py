@@ -23,17 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from decision_latency import ROOT, create_db, drop_db, populate, start_daemon
+from decision_latency import ROOT, cpu_seconds, create_db, drop_db, populate, start_daemon
 
 from gardener.ledger import db, migrate
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (its threads included), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 async def measure(proc: subprocess.Popen[bytes], warmup: float, seconds: float) -> float:
@@ -66,9 +58,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                "GARDENER_DATA_DIR": str(tmp / "data"), "GARDENER_LOG_FORMAT": "json",
                "GARDENER_LOG_LEVEL": "warning", "GARDENER_POLL_INTERVAL": str(args.poll)}
         with (tmp / "run.log").open("wb") as log:
-            proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "gardener"), "run", "--account",
-                                     "acc1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=ROOT)
+            proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+                [str(ROOT / ".venv" / "bin" / "gardener"), "run", "--account", "acc1"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
                 pct = await measure(proc, args.warmup, args.seconds)
             finally:

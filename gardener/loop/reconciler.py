@@ -46,6 +46,10 @@ log = structlog.get_logger("gardener.loop.reconciler")  # lazy: resolved after l
 # Backend statuses after which a service writes no more log lines.
 _FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.REMOVED})
 _STARTED = frozenset({"created", "deployed", "restarted"})
+# Railway log reads come out of the account's request budget: follow them slowly (trainers
+# there should also POST their samples to /v1/samples).
+RAILWAY_LOG_INTERVAL = 30.0
+RAILWAY_MAX_LOG_INTERVAL = 300.0
 
 
 class LineSink(Protocol):
@@ -242,6 +246,14 @@ class Reconciler:
             self.drained.add(name)
             self.state.reconcile_wakeup.set()  # its final state can be written now
 
+    def _intervals(self, kind: str) -> tuple[float, float]:
+        """(interval after lines, longest interval when quiet) for a backend: a Railway
+        tail is one API request out of an hourly budget, a local one a file read."""
+        if kind == "railway":
+            return (max(self.log_interval, RAILWAY_LOG_INTERVAL),
+                    max(self.max_log_interval, RAILWAY_MAX_LOG_INTERVAL))
+        return (self.log_interval, self.max_log_interval)
+
     async def pump_logs(self) -> None:
         """Tail the known services and feed the writer; a quiet service is tailed less often
         (``log_interval`` doubling up to ``max_log_interval``), one that talks at once again."""
@@ -275,13 +287,14 @@ class Reconciler:
                 except GardenerError as exc:
                     log.warning("tail_failed", canon_name=name, error=str(exc))
                     return
+                base, most = self._intervals(backend.kind)
                 if not lines:
-                    _, quiet = self._tail_due.get(name, (now, self.log_interval / 2))
-                    quiet = min(quiet * 2, self.max_log_interval)
+                    _, quiet = self._tail_due.get(name, (now, base / 2))
+                    quiet = min(quiet * 2, most)
                     self._tail_due[name] = (now + quiet, quiet)
                     self._drained(name, status)
                     return
-                self._tail_due[name] = (now + self.log_interval, self.log_interval)
+                self._tail_due[name] = (now + base, base)
                 assert self.sink is not None
                 await self.sink.submit_lines(
                     name, [ln.message for ln in lines], f"{backend.kind}-log"

@@ -382,3 +382,58 @@ async def test_sigkill_at_random_moments_leaves_no_duplicate_and_no_lost_decisio
     counts = await _invariants(conn, list(races))
     assert kills == 4 and mid_apply >= 3, (kills, mid_apply)
     assert counts["decisions"] >= 60  # every trial decided
+
+
+def tri(dsn: str, tmp: Path, *args: str, account: str = "acc1") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": dsn, "GARDENER_DATA_DIR": str(tmp / "data"),
+           "GARDENER_LOG_LEVEL": "warning"}
+    return subprocess.run([GARDENER, *args, "--account", account], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+async def test_run_once_and_the_hunt_commands(
+    db_dsn: str, tmp_path: Path, conn: asyncpg.Connection
+) -> None:
+    names = await make_race(conn, "hunt", 6, first_exp=3000, first_seed=3000)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.05 * i, 45, seed=i))
+    shown = json.loads(tri(db_dsn, tmp_path, "hunt", "prune", "--rung", "1", "--json").stdout)
+    assert shown and {r["outcome"] for r in shown} == {"would prune"}
+    assert await conn.fetchval("SELECT count(*) FROM gardener_decisions") == 0
+    refused = tri(db_dsn, tmp_path, "hunt", "prune", "--rung", "1", "--race", "hunt",
+                  account="acc2")
+    assert refused.returncode != 0 and "CrossAccountKillForbidden" in refused.stderr
+    await conn.execute("UPDATE gardener_control SET paused = true")
+    paused = tri(db_dsn, tmp_path, "hunt", "prune", "--rung", "1", "--apply")
+    assert paused.returncode != 0 and "paused" in paused.stderr
+    await conn.execute("UPDATE gardener_control SET paused = false")
+    applied = json.loads(
+        tri(db_dsn, tmp_path, "hunt", "prune", "--rung", "1", "--apply", "--json").stdout)
+    assert [r["canon_name"] for r in applied] == [r["canon_name"] for r in shown]
+    assert {r["outcome"] for r in applied} == {"applied"}
+    stopped = {r["canon_name"] for r in await conn.fetch(
+        "SELECT canon_name FROM igla_race_trials WHERE desired_state = 'stopped'")}
+    assert stopped == {r["canon_name"] for r in shown}
+    mirrored = json.loads(tri(db_dsn, tmp_path, "hunt", "mirror", "--leader", names[0],
+                              "--count", "2", "--strategy", "phi-anchored", "--json").stdout)
+    assert len(mirrored["spawned"]) == 2
+    assert {s["strategy"] for s in mirrored["seeds"]} == {"phi-anchored"}
+    status = json.loads(tri(db_dsn, tmp_path, "hunt", "status", "--json").stdout)
+    assert {r["canon_name"] for r in status} == set(names) | set(mirrored["spawned"])
+    assert all(r["bpb_inf"] is not None for r in status if r["canon_name"] in stopped)
+    # One tick and one reconcile pass from the command line: the kept trials get their
+    # rung-1 KEEP, and the live trials (3 kept, 2 mirrors) are started on the local backend.
+    once = tri(db_dsn, tmp_path, "run", "--once")
+    try:
+        assert once.returncode == 0, once.stderr
+        out = json.loads(once.stdout)
+        assert out["role"] == "leader" and out["tick"]["decided"] == ["hunt"]
+        assert out["tick"]["applied"] == 6 - len(shown)
+        assert out["reconcile"]["acc1"]["done"] == 6 - len(shown) + 2
+    finally:
+        from gardener.backends.local import LocalBackend
+
+        await LocalBackend("acc1", tmp_path / "data").teardown()
+    keeps = await conn.fetch("SELECT canon_name FROM gardener_decisions WHERE action = 'keep'")
+    assert {k["canon_name"] for k in keeps} == set(names) - stopped

@@ -282,3 +282,23 @@ async def test_reconciler_drives_the_backend_and_writes_back_what_it_sees(
     assert await conn.fetchval(
         "SELECT observed_state FROM igla_race_trials WHERE canon_name = $1", names[2]
     ) == "stopped"
+
+
+class BrokenBackend(MemoryBackend):
+    """A backend with a bug: observing raises something no one expects."""
+
+    async def observe(self) -> list[ServiceState]:
+        raise RuntimeError("observe is broken")
+
+
+async def test_a_task_that_dies_stops_the_daemon_loudly(db_dsn: str, tmp_path: object) -> None:
+    from gardener.loop.daemon import serve
+
+    settings = Settings(account="acc1", poll_interval=0.2)
+    state = LoopState(stop=anyio.Event())
+    with anyio.fail_after(30):
+        with pytest.raises(BaseExceptionGroup) as info:
+            await serve(settings, dsn=db_dsn, backend_factory=BrokenBackend, http=False,
+                        install_signal_handlers=False, state=state)
+    assert info.group_contains(RuntimeError, match="observe is broken")
+    assert not state.stop.is_set()  # it did not stop on request: it failed
