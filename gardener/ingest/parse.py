@@ -6,7 +6,7 @@ A line is one of four things:
   ``DONE: bpb=X.XXXX``    the end of a run
   anything else           ordinary log output, ignored
 
-A line that *looks like* a sample (it mentions ``bpb`` followed by ``=`` or ``:``) but breaks
+A line that *looks like* a sample (``bpb`` followed by ``=``, ``:`` or a number) but breaks
 a rule becomes a ``Rejected`` carrying the line verbatim and a reason; nothing that looks like
 a sample is dropped or accepted silently. The BPB token must match L-R8 (``^BPB=\\d\\.\\d{4}$``)
 exactly; value checks (NaN, infinity, negative) are ``gardener.core.tripwires.check_sample``,
@@ -53,7 +53,9 @@ CROSS_ACCOUNT = "cross_account"
 
 L_R8 = re.compile(r"\d\.\d{4}", re.ASCII)  # the value part of ^BPB=\d\.\d{4}$, used with fullmatch
 _FAST = re.compile(r"step=(\d{1,10}) BPB=(\d\.\d{4})", re.ASCII)  # the trainer's own line, exactly
-_LOOKS_LIKE_BPB = re.compile(r"bpb\s*[=:]", re.I)
+# "bpb" then "=" or ":", or then a number after a space ("val BPB 2.3456"): a sample, or a
+# broken one. "computing bpb on the validation set" is not.
+_LOOKS_LIKE_BPB = re.compile(r"bpb(?:\s*[=:]|\s+[-+]?(?:\d|\.\d|nan|inf))", re.I)
 _STEP_VALUE = re.compile(r"-?\d+", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DONE = re.compile(r"DONE:\s*(.*)")

@@ -92,7 +92,7 @@ def test_any_line_either_parses_to_an_l_r8_sample_or_is_not_a_sample(line: str) 
         step_tokens = [t for t in line.split() if t.startswith("step=")]
         assert len(step_tokens) == 1 and int(step_tokens[0][5:]) == parsed.step >= 0
         assert parsed.bpb == float(tokens[0][4:])
-    elif re.search(r"bpb\s*[=:]", line, re.I) and not line.strip().startswith("DONE:"):
+    elif re.search(r"bpb\s*[=:]|bpb\s+\d", line, re.I) and not line.strip().startswith("DONE:"):
         assert isinstance(parsed, P.Rejected)
         assert parsed.reason.startswith(parsed.code + ": ")
         assert parsed.raw == line
@@ -174,6 +174,10 @@ def test_any_corrupted_step_is_rejected_with_a_reason(units: int, step_text: str
         ("step=10 BPB: 2.3456", r"bpb_format: no BPB= token (L-R8 ^BPB=\d\.\d{4}$); saw 'BPB:'"),
         ("DONE: bpb=nan", "done_format: the final line must be DONE: bpb=X.XXXX (L-R8)"),
         (
+            "step 10: val BPB 2.3456",
+            r"bpb_format: no BPB= token (L-R8 ^BPB=\d\.\d{4}$); saw 'BPB'",
+        ),
+        (
             "step=10 BPB=\uff12.\uff13\uff14\uff15\uff16",
             "bpb_format: BPB=\uff12.\uff13\uff14\uff15\uff16 does not match L-R8 "
             "^BPB=\\d\\.\\d{4}$",
@@ -191,6 +195,7 @@ def test_ordinary_lines_are_ignored_and_reports_recognised() -> None:
     digest = "ab" * 32
     assert P.parse_line("loading model, hidden=512") is None
     assert P.parse_line("step=10 loss=3.21 lr=0.001") is None
+    assert P.parse_line("computing bpb on the validation set") is None
     assert P.parse_line("") is None
     assert P.parse_line(f"corpus=stdlib sha256={digest.upper()}") == P.CorpusReport(
         "stdlib", digest, f"corpus=stdlib sha256={digest.upper()}"
