@@ -18,7 +18,8 @@ pending calls into a batch (up to ``max_batch`` items, or whatever arrived withi
 5. one NOTIFY on ``gardener_samples`` with ``{"max_id", "count"}`` when anything was inserted.
 
 The trial's seed and account come from the ledger (cached; a miss is looked up once per batch).
-A caller passing ``account`` (the HTTP path) may only write that account's trials.
+A caller passing ``account`` (the HTTP path) may only write that account's trials. How the
+items of a batch are sorted (pure) is ``batch.py``; this module does the I/O.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -38,191 +38,22 @@ import structlog
 
 from gardener.ingest import metrics
 from gardener.ingest import parse as P
+from gardener.ingest.batch import (
+    R_ACCEPTED,
+    R_DUPLICATE,
+    Batch,
+    ItemResult,
+    Job,
+    SubmitResult,
+    build,
+    overlap,
+)
 from gardener.ledger.queries import Queries
 
 Q = Queries("ingest.sql")
 CHANNEL = "gardener_samples"
 DEADLOCK_ATTEMPTS = 3
 log = structlog.get_logger("gardener.ingest")  # lazy: honours logs.configure() made later
-
-ACCEPTED = "accepted"
-DUPLICATE = "duplicate"
-REJECTED = "rejected"
-CORPUS = "corpus"
-DONE = "done"
-IGNORED = "ignored"
-
-
-@dataclass(frozen=True, slots=True)
-class ItemResult:
-    """What became of one submitted item. ``reason`` is set for rejections."""
-
-    status: str
-    reason: str | None = None
-    code: str | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        if self.reason is None:
-            return _STATUS_JSON[self.status]
-        return {"status": self.status, "code": self.code, "reason": self.reason}
-
-
-_STATUS_JSON = {s: {"status": s} for s in (ACCEPTED, DUPLICATE, CORPUS, DONE, IGNORED)}
-R_ACCEPTED = ItemResult(ACCEPTED)
-R_DUPLICATE = ItemResult(DUPLICATE)
-R_CORPUS = ItemResult(CORPUS)
-R_DONE = ItemResult(DONE)
-R_IGNORED = ItemResult(IGNORED)
-
-
-@dataclass
-class SubmitResult:
-    """Per-item results of one call, in the order submitted, and their counts."""
-
-    items: list[ItemResult]
-
-    def count(self, status: str) -> int:
-        return sum(1 for r in self.items if r.status == status)
-
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(r.status for r in self.items))
-
-
-@dataclass
-class _Job:
-    names: str | list[str | None]  # one canon name for all items, or one per item
-    items: list[P.Parsed]
-    source: str
-    account: str | None
-    future: asyncio.Future[SubmitResult]
-
-    def name(self, i: int) -> str | None:
-        return self.names if isinstance(self.names, str) else self.names[i]
-
-
-@dataclass
-class _Batch:
-    """One write, built from many jobs: per sample row its sample, where it came from and its
-    trial (an index into the small ``names`` table), plus what to quarantine."""
-
-    jobs: list[_Job]
-    results: list[list[ItemResult | None]]
-    names: list[str] = field(default_factory=list)  # distinct canon names of the rows
-    seeds: list[int] = field(default_factory=list)  # their seeds
-    owners: list[str] = field(default_factory=list)  # their accounts
-    name_ix: dict[str, int] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)  # distinct sources
-    job_source: list[int] = field(default_factory=list)  # per job, 1-based into sources
-    rows: list[P.Sample] = field(default_factory=list)
-    row_name: list[int] = field(default_factory=list)  # 1-based into names
-    where: list[tuple[int, int]] = field(default_factory=list)  # (job, item) per row
-    by_name: dict[str, dict[int, int]] = field(default_factory=dict)  # name -> step -> row
-    # derived by finish()
-    row_step: list[int] = field(default_factory=list)
-    row_bpb: list[float] = field(default_factory=list)
-    row_ts: list[Any] | None = None  # None when no row carries a time
-    # in-batch repeats of a (name, step): (job, item, first row, sample)
-    repeats: list[tuple[int, int, int, P.Sample]] = field(default_factory=list)
-    quarantine: list[tuple[str, str | None, str | None, str, str]] = field(default_factory=list)
-    corpus: dict[str, tuple[str, str]] = field(default_factory=dict)
-    rejected_codes: Counter[str] = field(default_factory=Counter)
-    duplicates: int = 0
-    skipped: list[int] = field(default_factory=list)  # 1-based rows the insert skipped
-
-    def reject(
-        self,
-        j: int,
-        i: int,
-        account: str | None,
-        name: str | None,
-        raw: str,
-        code: str,
-        reason: str,
-    ) -> None:
-        reason = P.safe_text(reason)
-        self.results[j][i] = ItemResult(REJECTED, reason, code)
-        self.quarantine.append(
-            (
-                self.jobs[j].source,
-                account,
-                None if name is None else P.safe_text(name),
-                P.safe_text(raw),
-                reason,
-            )
-        )
-        self.rejected_codes[code] += 1
-
-    def index(self, name: str, trial: tuple[int, str]) -> int:
-        """1-based index of a trial in the batch's table of names (an SQL array)."""
-        k = self.name_ix.get(name)
-        if k is None:
-            self.names.append(name)
-            self.seeds.append(trial[0])
-            self.owners.append(trial[1])
-            k = self.name_ix[name] = len(self.names)
-        return k
-
-    def finish(self, any_ts: bool) -> None:
-        rows = self.rows
-        self.row_step = [r.step for r in rows]
-        self.row_bpb = [r.bpb for r in rows]
-        if any_ts and any(r.ts is not None for r in rows):
-            self.row_ts = [r.ts for r in rows]
-
-    def conflict(self, j: int, i: int, r: int, sample: P.Sample, kept: float) -> None:
-        k = self.row_name[r] - 1
-        self.reject(
-            j,
-            i,
-            self.jobs[j].account or self.owners[k],
-            self.names[k],
-            sample.raw_text(),
-            P.STEP_CONFLICT,
-            _conflict(sample.step, kept, sample.bpb),
-        )
-
-    def row_sources(self) -> list[int]:
-        js = self.job_source
-        return [js[j] for j, _ in self.where]
-
-    def summary_params(self) -> tuple[list[Any], ...]:
-        """Per trial, from the rows inserted: the highest step and its value, the lowest value."""
-        gone = {r - 1 for r in self.skipped}
-        bpb = self.row_bpb
-        names: list[str] = []
-        tops: list[int] = []
-        top_bpbs: list[float] = []
-        bests: list[float] = []
-        for name, steps in sorted(self.by_name.items()):
-            if gone:
-                steps = {st: r for st, r in steps.items() if r not in gone}
-            if not steps:
-                continue
-            top = max(steps)
-            names.append(name)
-            tops.append(top)
-            top_bpbs.append(bpb[steps[top]])
-            bests.append(min(map(bpb.__getitem__, steps.values())))
-        return names, tops, top_bpbs, bests
-
-    def params(self) -> tuple[Any, ...]:
-        """The insert's parameters: the small tables as arrays, the rows as comma-joined text,
-        which costs the client a fraction of encoding six arrays element by element."""
-        ts = (
-            ",".join("" if t is None else t.isoformat() for t in self.row_ts)
-            if self.row_ts is not None
-            else None
-        )
-        return (
-            self.names,
-            self.seeds,
-            self.sources,
-            ",".join(map(str, self.row_name)),
-            ",".join(map(str, self.row_step)),
-            ",".join(map(repr, self.row_bpb)),
-            ts,
-            ",".join(map(str, self.row_sources())),
-        )
 
 
 class WriterClosed(RuntimeError):
@@ -250,7 +81,7 @@ class SampleWriter:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight: dict[asyncio.Task[None], dict[str, dict[int, int]]] = {}
         self._trials: dict[str, tuple[int, str]] = {}  # canon_name -> (seed, account)
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[Job] = deque()
         self._pending_items = 0
         self._first_at = 0.0
         self._wake = asyncio.Event()
@@ -331,7 +162,7 @@ class SampleWriter:
         if not items:
             return SubmitResult([])
         loop = asyncio.get_running_loop()
-        job = _Job(names, items, source, account, loop.create_future())
+        job = Job(names, items, source, account, loop.create_future())
         if not self._pending:
             self._first_at = loop.time()
         self._pending.append(job)
@@ -380,13 +211,13 @@ class SampleWriter:
             jobs = self._take()
             try:
                 await self._resolve_trials(jobs)
-                batch = self._build(jobs)
+                batch = build(jobs, self._trials)
             except Exception as exc:  # the lookup failed: these callers get the error
                 self._slots.release()
                 _fail(jobs, exc)
                 continue
             for task, busy in list(self._in_flight.items()):
-                if _overlap(busy, batch.by_name):
+                if overlap(busy, batch.by_name):
                     # A (trial, step) of this batch is in one being written: wait for it, so
                     # the first value to arrive is the one kept.
                     await asyncio.wait([task])
@@ -400,7 +231,7 @@ class SampleWriter:
         self._in_flight.pop(task, None)
         self._slots.release()
 
-    async def _write_jobs(self, batch: _Batch) -> None:
+    async def _write_jobs(self, batch: Batch) -> None:
         jobs = batch.jobs
         try:
             results = await self._write(batch)
@@ -412,8 +243,8 @@ class SampleWriter:
                 if not job.future.done():
                     job.future.set_result(SubmitResult(res))
 
-    def _take(self) -> list[_Job]:
-        taken: list[_Job] = []
+    def _take(self) -> list[Job]:
+        taken: list[Job] = []
         n = 0
         while self._pending and (not taken or n + len(self._pending[0].items) <= self.max_batch):
             job = self._pending.popleft()
@@ -428,7 +259,7 @@ class SampleWriter:
 
     # --- one batch ----------------------------------------------------------------------
 
-    async def _write(self, batch: _Batch) -> list[list[ItemResult]]:
+    async def _write(self, batch: Batch) -> list[list[ItemResult]]:
         started = time.perf_counter()
         jobs = batch.jobs
         for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
@@ -441,7 +272,7 @@ class SampleWriter:
                 if attempt == DEADLOCK_ATTEMPTS:
                     raise
                 log.warning("ingest.deadlock_retry", attempt=attempt)
-                batch = self._build(jobs)
+                batch = build(jobs, self._trials)
         elapsed = time.perf_counter() - started
         metrics.BATCH_SECONDS.observe(elapsed)
         metrics.BATCH_ITEMS.observe(sum(len(j.items) for j in jobs))
@@ -461,7 +292,7 @@ class SampleWriter:
             out.append(res)  # type: ignore[arg-type]
         return out
 
-    async def _write_once(self, batch: _Batch) -> int:
+    async def _write_once(self, batch: Batch) -> int:
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 inserted, max_id = await self._insert(conn, batch)
@@ -489,7 +320,7 @@ class SampleWriter:
                     await conn.execute(Q.notify_samples, self.channel, payload)
         return inserted
 
-    async def _resolve_trials(self, jobs: list[_Job]) -> None:
+    async def _resolve_trials(self, jobs: list[Job]) -> None:
         """Seed and account of every trial named in ``jobs``; one query for the names not
         cached yet (a trial never changes either, so the cache needs no expiry)."""
         wanted: set[str] = set()
@@ -504,104 +335,7 @@ class SampleWriter:
                 for row in await conn.fetch(Q.trials_by_name, missing):
                     self._trials[row["canon_name"]] = (int(row["seed"]), row["account"])
 
-    def _build(self, jobs: list[_Job]) -> _Batch:
-        batch = _Batch(jobs=jobs, results=[[None] * len(j.items) for j in jobs])
-        trials = self._trials
-        by_name = batch.by_name
-        sample_cls = P.Sample
-        rows, row_name, where = batch.rows, batch.row_name, batch.where
-        source_ix: dict[str, int] = {}
-        any_ts = False
-        for j, job in enumerate(jobs):
-            s = source_ix.get(job.source)
-            if s is None:
-                batch.sources.append(job.source)
-                s = source_ix[job.source] = len(batch.sources)
-            batch.job_source.append(s)
-            account = job.account
-            if isinstance(job.names, str):
-                # One trial for every item (a log tail): decide the trial once.
-                name = job.names
-                trial = trials.get(name)
-                if trial is None or (account is not None and trial[1] != account):
-                    for i, item in enumerate(job.items):
-                        self._other(batch, j, i, item, name, trial, account)
-                    continue
-                k = batch.index(name, trial)
-                seen = by_name.setdefault(name, {})
-                n0 = len(rows)
-                for i, item in enumerate(job.items):
-                    if type(item) is sample_cls:
-                        r = seen.get(item.step)
-                        if r is not None:
-                            batch.repeats.append((j, i, r, item))
-                            continue
-                        seen[item.step] = len(rows)
-                        rows.append(item)
-                        where.append((j, i))
-                    else:
-                        self._other(batch, j, i, item, name, trial, account)
-                row_name.extend([k] * (len(rows) - n0))
-                continue
-            any_ts = True
-            for i, item in enumerate(job.items):
-                name_i = job.names[i]
-                trial = trials.get(name_i) if name_i is not None else None
-                if (
-                    type(item) is sample_cls
-                    and trial is not None
-                    and name_i is not None
-                    and (account is None or trial[1] == account)
-                ):
-                    seen = by_name.setdefault(name_i, {})
-                    r = seen.get(item.step)
-                    if r is not None:
-                        batch.repeats.append((j, i, r, item))
-                        continue
-                    seen[item.step] = len(rows)
-                    rows.append(item)
-                    row_name.append(batch.index(name_i, trial))
-                    where.append((j, i))
-                else:
-                    self._other(batch, j, i, item, name_i, trial, account)
-        batch.finish(any_ts)
-        return batch
-
-    @staticmethod
-    def _other(
-        batch: _Batch,
-        j: int,
-        i: int,
-        item: P.Parsed,
-        name: str | None,
-        trial: tuple[int, str] | None,
-        account: str | None,
-    ) -> None:
-        """Everything but an acceptable sample: ignored lines, reports, refusals."""
-        res = batch.results[j]
-        if item is None:
-            res[i] = R_IGNORED
-            return
-        if isinstance(item, P.Done):
-            res[i] = R_DONE
-            return
-        owner = account if account is not None else (trial[1] if trial else None)
-        if isinstance(item, P.Rejected):
-            batch.reject(j, i, owner, name, item.raw, item.code, item.reason)
-            return
-        if trial is None:
-            why = f"{P.UNKNOWN_TRIAL}: no trial {name!r} in the ledger"
-            batch.reject(j, i, owner, name, _raw_of(item), P.UNKNOWN_TRIAL, why)
-            return
-        if account is not None and trial[1] != account:
-            why = f"{P.CROSS_ACCOUNT}: {name} belongs to {trial[1]}, not {account}"
-            batch.reject(j, i, owner, name, _raw_of(item), P.CROSS_ACCOUNT, why)
-            return
-        assert name is not None and isinstance(item, P.CorpusReport)
-        batch.corpus[name] = (item.corpus, item.sha256)
-        res[i] = R_CORPUS
-
-    async def _insert(self, conn: asyncpg.Connection, batch: _Batch) -> tuple[int, int | None]:
+    async def _insert(self, conn: asyncpg.Connection, batch: Batch) -> tuple[int, int | None]:
         """Insert the batch's samples and their trials' summary; settle skipped ones and
         in-batch repeats. Returns how many rows were inserted and the highest new id.
 
@@ -664,7 +398,7 @@ class SampleWriter:
         return inserted, max_id
 
     @staticmethod
-    async def _copy(conn: asyncpg.Connection, batch: _Batch) -> None:
+    async def _copy(conn: asyncpg.Connection, batch: Batch) -> None:
         names, seeds, sources = batch.names, batch.seeds, batch.sources
         columns = ["canon_name", "seed", "step", "bpb", "source"]
         rows = zip(batch.row_name, batch.row_step, batch.row_bpb, batch.row_sources(), strict=True)
@@ -681,28 +415,10 @@ class SampleWriter:
         await conn.copy_records_to_table("bpb_samples", records=records, columns=columns)
 
 
-def _conflict(step: int, kept: float, new: float) -> str:
-    return (
-        f"{P.STEP_CONFLICT}: step {step} already has BPB={kept:.4f}; "
-        f"BPB={new:.4f} not stored (the first value is kept)"
-    )
-
-
-def _overlap(a: dict[str, dict[int, int]], b: dict[str, dict[int, int]]) -> bool:
-    """Whether two batches share a (canon_name, step)."""
-    if len(a) > len(b):
-        a, b = b, a
-    return any(name in b and not b[name].keys().isdisjoint(steps) for name, steps in a.items())
-
-
-def _fail(jobs: list[_Job], exc: BaseException) -> None:
+def _fail(jobs: list[Job], exc: BaseException) -> None:
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(exc)
-
-
-def _raw_of(item: P.Sample | P.CorpusReport) -> str:
-    return item.raw_text() if isinstance(item, P.Sample) else item.raw
 
 
 def _storable(name: str) -> bool:
