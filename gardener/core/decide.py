@@ -363,7 +363,13 @@ def _rung_decisions(race: _Race, r: int, pending: list[_Curve], out: list[Decisi
     rule = cfg.rung_rules[r]
     boundary = cfg.rungs[r]
     pend = {c.name for c in pending}
-    cohort = [c for c in race.curves if c.name in pend or c.trial.rung >= r]
+    # Everyone whose samples reached the rung while it was live (or was decided there or
+    # later): the same set before and after this call's decisions are applied.
+    cohort = [
+        c
+        for c in race.curves
+        if c.name in pend or c.trial.rung >= r or (c.alive and c.reached >= r)
+    ]
     cohort = [c for c in cohort if len(prefix_at(c.steps, c.bpb, boundary)[0])]
     ranked = sorted(cohort, key=lambda c: (race.score(c, r).value, c.name))
     rank = {c.name: i for i, c in enumerate(ranked)}
