@@ -225,6 +225,9 @@ def main() -> None:
         logs.configure("console", "warning", stream=sys.stderr)
         asyncio.run(serve(args.dsn, args.port))
         return
+    from gardener import logs
+
+    logs.configure("console", "warning", stream=sys.stderr)  # stdout is the JSON answer
     print(json.dumps(asyncio.run(run(args)), indent=2))
 
 

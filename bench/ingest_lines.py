@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import sys
 import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -219,6 +220,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=500, help="lines per submit (one log fetch)")
     ap.add_argument("--max-batch", type=int, default=10_000)
     args = ap.parse_args()
+    from gardener import logs
+
+    logs.configure("console", "warning", stream=sys.stderr)  # stdout is the JSON answer
     print(json.dumps(asyncio.run(run(args)), indent=2))
 
 
