@@ -142,13 +142,14 @@ class SampleWriter:
         return await self._submit(names, items, source, account)
 
     async def flush(self) -> None:
-        """Write everything pending now and wait for it."""
-        jobs = list(self._pending)
-        if not jobs:
-            return
-        self._urgent = True
-        self._hurry.set()
-        await asyncio.gather(*(asyncio.shield(j.future) for j in jobs), return_exceptions=True)
+        """Write everything pending now and wait for it (and for batches already in flight)."""
+        waits: list[asyncio.Future[Any]] = [asyncio.shield(j.future) for j in self._pending]
+        waits += [asyncio.shield(t) for t in self._in_flight]
+        if self._pending:
+            self._urgent = True
+            self._hurry.set()
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _submit(
         self,
