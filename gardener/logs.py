@@ -63,4 +63,5 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
 
 
 def get_logger(name: str, **context: Any) -> Any:
-    return structlog.get_logger(name).bind(**context)
+    """A lazy logger: it follows ``configure`` even when created at import time."""
+    return structlog.get_logger(logger_name=name, **context)
