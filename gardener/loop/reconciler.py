@@ -12,6 +12,7 @@ writer's unique key makes the re-delivery a no-op.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from gardener.backends.base import (
     ServiceState,
     Status,
 )
+from gardener.backends.railway.templates import Templates, load_templates, trainer_spec
 from gardener.backends.reconcile import Backoff, ReconcileReport, reconcile_once
 from gardener.core import canon as canon_mod
 from gardener.core.config import DEFAULT_RUNGS
@@ -60,24 +62,6 @@ class LineSink(Protocol):
     ) -> Awaitable[Any]: ...
 
 
-class ObservingBackend:
-    """A backend wrapper that remembers the last ``observe()``: the report carries counts only,
-    and the observed states are what the ledger needs."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.kind = inner.kind
-        self.account = inner.account
-        self.last: list[ServiceState] | None = None
-
-    async def observe(self) -> list[ServiceState]:
-        self.last = await self.inner.observe()
-        return self.last
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def build_spec(
     row: Mapping[str, Any], settings: Settings, models: ModelsConfig | None
 ) -> ServiceSpec:
@@ -99,13 +83,29 @@ def build_spec(
         except GardenerError as exc:
             log.error("spec_variables_failed", canon_name=name, error=str(exc))
     identity = {k: variables[k] for k in IDENTITY_VARIABLES if k in variables}
+    merged = {**variables, **stored, **identity}
+    desired = DesiredState(row["desired_state"])
+    kind = row.get("backend") or settings.backend
+    if kind == "railway":
+        try:  # a Railway service needs its source, start command and ingest from the template
+            return trainer_spec(
+                name, row["account"], merged, _railway_templates(), desired=desired,
+                race=row["race"],
+            )
+        except GardenerError as exc:
+            log.error("spec_template_failed", canon_name=name, error=str(exc))
     return ServiceSpec(
         canon_name=name,
         account=row["account"],
-        desired=DesiredState(row["desired_state"]),
-        variables={**variables, **stored, **identity},
+        desired=desired,
+        variables=merged,
         race=row["race"],
     )
+
+
+@functools.cache
+def _railway_templates() -> Templates:
+    return load_templates()
 
 
 class Reconciler:
@@ -127,7 +127,7 @@ class Reconciler:
         self.pool = pool
         self.settings = settings
         self.state = state
-        self.backends = {acc: ObservingBackend(b) for acc, b in backends.items()}
+        self.backends = dict(backends)
         self.sink = sink
         self.interval = interval
         self.log_interval = log_interval
@@ -173,7 +173,7 @@ class Reconciler:
                 specs = [self._spec(r) for r in mine]
                 report = await reconcile_once(specs, backend, backoff=self.backoffs[acc])
                 reports[acc] = report
-                observed = backend.last if report.observe_error is None else None
+                observed = report.states if report.observe_error is None else None
                 for result in report.results:  # just started: follow its log from now on
                     if result.error is None and result.outcome in _STARTED:
                         self.known.setdefault(result.canon_name, (acc, Status.PENDING))
@@ -202,7 +202,7 @@ class Reconciler:
             spec = self._specs[key] = build_spec(row, self.settings, self.models)
         return spec
 
-    async def _observe_only(self, backend: ObservingBackend) -> list[ServiceState] | None:
+    async def _observe_only(self, backend: Backend) -> list[ServiceState] | None:
         try:
             return await backend.observe()
         except GardenerError as exc:
