@@ -3,7 +3,8 @@
 Which races, each tick:
 
 - crossings: a live trial whose highest step reached a rung above its recorded ``rung``.
-  New samples are found by id watermark (``id > last seen``) and checked at once; a full
+  New samples are found by id watermark (``id >`` what was seen ``settle`` seconds ago, so a
+  row committed a little after a higher id is still found) and checked at once; a full
   level-triggered rescan of every live trial runs at start and every ``rescan_every``
   seconds, so a row committed late (ids are handed out before commit) or a lost
   notification is still seen. Crossing races are decided in the same tick.
@@ -22,6 +23,7 @@ as HOLD and are logged once per key, and no race is finished or torn down.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -82,6 +84,7 @@ class Ticker:
         rescan_every: float = 30.0,
         min_interval: float | None = None,
         soft_budget: float = 0.1,
+        settle: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         on_desired_change: Callable[[], None] | None = None,
     ) -> None:
@@ -100,7 +103,9 @@ class Ticker:
         self.on_desired_change = on_desired_change
         self.base = base_config(settings)
         self.floor = self.base.architectural_floor_bpb
-        self.watermark: int | None = None
+        self.watermark: int | None = None  # the highest sample id seen
+        self.settle = settle
+        self._marks: deque[tuple[float, int]] = deque()  # (clock, highest id seen then)
         self._last_rescan = float("-inf")
         self._last_decided: dict[str, float] = {}
         self._soft: set[str] = set()  # races with new samples, decided at most every min_interval
@@ -167,8 +172,9 @@ class Ticker:
                 self._last_rescan = now
                 if first:
                     self._soft |= set(races)  # after a restart: look at every race once
-            if self.watermark is not None and high > self.watermark:
-                rows = await conn.fetch(Q.new_samples_since, self.watermark, high)
+            low = self._settled_watermark(now, high)
+            if low is not None and high > low:
+                rows = await conn.fetch(Q.new_samples_since, low, high)
                 crossing |= self._crossed(races, rows)
                 # A sample below the floor is looked at now, not at the next rung.
                 crossing |= {
@@ -239,6 +245,26 @@ class Ticker:
         if self.state is not None:
             self.state.last_tick_at = time.time()
         return report
+
+    def _settled_watermark(self, now: float, high: int) -> int | None:
+        """Where this tick's scan starts: the highest id seen ``settle`` seconds ago.
+
+        Ids are taken at insert and become visible at commit, so a row may appear below an
+        id already seen; re-reading the last few seconds of ids finds it (a crossing found
+        twice is decided once: the trial's rung moved on). Older stragglers are found by the
+        rescan.
+        """
+        if self.watermark is None:
+            self._marks.append((now, high))
+            return None
+        low = self._marks[0][1]
+        while len(self._marks) > 1 and self._marks[1][0] <= now - self.settle:
+            self._marks.popleft()
+            low = self._marks[0][1]
+        if self._marks[0][0] > now - self.settle:
+            low = min(low, self.watermark)
+        self._marks.append((now, high))
+        return low
 
     async def decide_race(self, conn: asyncpg.Connection, race: RaceInfo) -> TickReport:
         """Decide and apply one race now (the CLI and the benchmarks use this)."""

@@ -152,6 +152,36 @@ async def test_a_row_committed_behind_the_watermark_is_found_by_the_rescan(
     assert (names[0], 0, "keep") in await applied(conn, "r-late")
 
 
+async def test_a_row_committed_just_behind_the_watermark_is_found_at_once(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, db_dsn: str
+) -> None:
+    names = await make_race(conn, "r-settle", 3, first_exp=750, first_seed=750)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 15, seed=i))
+    clock = Clock()
+    t = ticker(pool, clock=clock, rescan_every=3600.0, settle=2.0)
+    await t.tick()
+    late = await asyncpg.connect(db_dsn)
+    try:
+        tx = late.transaction()
+        await tx.start()
+        await late.execute(
+            "INSERT INTO bpb_samples (canon_name, seed, step, bpb) VALUES ($1, $2, 20, 2.5)",
+            names[0],
+            750,
+        )
+        await add_samples(conn, names[1], [(16, 2.6)])  # a higher id, committed first
+        clock.t += 0.5
+        assert (await t.tick()).crossings == []
+        await tx.commit()
+    finally:
+        await late.close()
+    clock.t += 0.5  # within the settle window, long before any rescan
+    report = await t.tick()
+    assert report.crossings == ["r-settle"]
+    assert (names[0], 0, "keep") in await applied(conn, "r-settle")
+
+
 async def test_paused_decisions_are_held_once_then_applied_on_resume(
     conn: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
