@@ -1,13 +1,14 @@
 """Hand the desired state to the backends, write back what they observe, pump their logs.
 
-A pass (every ``interval`` seconds, and at once when a decision changed the desired state)
-builds one ``ServiceSpec`` per trial from the ledger (``TRAIN_*`` variables from
-``trainer_variables``, the trial's stored variables on top, its identity last), calls
-``reconcile_once`` per account, and writes ``observed_state`` / ``service_id`` /
-``deployment_id`` back (only what changed). While paused it only observes: no create, stop or
-remove. The log pump tails every service the backend knows and hands the lines to the ingest
-writer; cursors live in memory, so after a restart logs are read again from the start and the
-writer's unique key makes the re-delivery a no-op.
+A pass (every ``interval`` seconds, and at once when the desired state changed) builds one
+``ServiceSpec`` per trial from the ledger (``TRAIN_*`` variables from ``trainer_variables``,
+the trial's stored variables on top, its identity last; a Railway trial through its service
+template), calls ``reconcile_once`` per account, and writes ``observed_state`` /
+``service_id`` / ``deployment_id`` back (only what changed; a finished state only once the
+service's log was read to its end, so a race never ends before its last samples are in).
+While paused it only observes: no create, stop or remove. The log pump tails the services
+and hands the lines to the ingest writer; cursors live in memory, so after a restart logs
+are read again from the start and the writer's unique key makes the re-delivery a no-op.
 """
 
 from __future__ import annotations
