@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     railway_budget_per_hour: int = Field(
         default=1000, description="GARDENER_RAILWAY_BUDGET_PER_HOUR: API requests per hour."
     )
+    railway_config: Path | None = Field(
+        default=None,
+        description="GARDENER_RAILWAY_CONFIG: trainer service templates (configs/railway.toml).",
+    )
     decision_config: Path | None = Field(
         default=None, description="GARDENER_DECISION_CONFIG: a TOML file overriding rung rules."
     )

@@ -17,6 +17,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -90,8 +91,8 @@ def build_spec(
     if kind == "railway":
         try:  # a Railway service needs its source, start command and ingest from the template
             return trainer_spec(
-                name, row["account"], merged, _railway_templates(), desired=desired,
-                race=row["race"],
+                name, row["account"], merged, _railway_templates(settings.railway_config),
+                desired=desired, race=row["race"],
             )
         except GardenerError as exc:
             log.error("spec_template_failed", canon_name=name, error=str(exc))
@@ -105,8 +106,8 @@ def build_spec(
 
 
 @functools.cache
-def _railway_templates() -> Templates:
-    return load_templates()
+def _railway_templates(path: Path | None) -> Templates:
+    return load_templates(path)
 
 
 class Reconciler:

@@ -1,0 +1,231 @@
+"""Deploying batches and looking at services: ``tri railway batch-deploy``, ``tri services``.
+
+A batch is validated whole before the first mutation: one bad canon name, one L-R9 breach or
+one reused seed or EXP_ID, and nothing is admitted or deployed.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gardener.backends.base import Backend, ServiceState
+from gardener.backends.reconcile import ReconcileReport, reconcile_once
+from gardener.cli.common import AccountOpt, JsonOpt, account, emit, settings
+from gardener.core import canon
+from gardener.errors import ConfigError, InvalidCanonName, UserError
+from gardener.ledger import db, migrate, trials
+from gardener.ledger.queries import Queries
+from gardener.loop.daemon import default_backend_factory
+from gardener.loop.reconciler import build_spec
+from gardener.settings import Settings
+from gardener.trainer.spec import hidden_size_for, load_models_config
+
+Q = Queries("loop.sql")
+console = Console()
+
+railway_app = typer.Typer(help="Railway batches.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(railway_app, name="railway")
+    app.command("services")(services_cmd)
+
+
+def read_names(lines: list[str]) -> list[str]:
+    """Canon names from stdin: one a line; blank lines and # comments are skipped."""
+    return [s for s in (line.split("#", 1)[0].strip() for line in lines) if s]
+
+
+def validate_batch(names: list[str]) -> list[canon.CanonName]:
+    """Parse every name (L-R9 included) and report every bad one at once."""
+    models = load_models_config()
+    known = (*canon.DEFAULT_MODELS, *models.models)
+    parsed: list[canon.CanonName] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        try:
+            c = canon.parse(name, models=known)
+            canon.check_gf16_hidden(c, hidden_size_for(c, models))
+        except UserError as exc:
+            errors.append(str(exc))
+            continue
+        if name in seen:
+            errors.append(f"{name} appears twice in the batch")
+        seen.add(name)
+        parsed.append(c)
+    if errors:
+        shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        raise InvalidCanonName(
+            f"{len(errors)} of {len(names)} names refused, nothing deployed: {shown}"
+        )
+    return parsed
+
+
+def load_batch_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    race = raw.get("race", {})
+    if not isinstance(race, dict):
+        raise ConfigError(f"{path}: [race] must be a table")
+    return race
+
+
+@railway_app.command("batch-deploy")
+def batch_deploy(
+    acct: AccountOpt = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Race settings (TOML, a [race] table).")
+    ] = None,
+    validate_canon: Annotated[
+        bool, typer.Option("--validate-canon", help="Validate every name before any change.")
+    ] = True,
+    race: Annotated[
+        str | None, typer.Option("--race", help="Race name (else the config's).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Steps per trainer.")] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="local or railway (else the config's).")
+    ] = None,
+    no_deploy: Annotated[
+        bool, typer.Option("--no-deploy", help="Only admit; the daemon deploys on its next pass.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Admit canon names from stdin into a race and deploy them (all or nothing)."""
+    who = account(acct)
+    names = read_names(sys.stdin.read().splitlines())
+    if not names:
+        raise UserError("no canon names on stdin")
+    cfg = load_batch_config(config)
+    parsed = validate_batch(names) if validate_canon else [canon.parse(n) for n in names]
+    race_name = race or cfg.get("name") or "batch"
+    run_steps = int(steps or cfg.get("steps") or 81000)
+    base = settings()
+    chosen = backend or cfg.get("backend") or base.backend
+    if chosen not in ("local", "railway"):
+        raise ConfigError(f"backend must be local or railway, not {chosen!r}")
+    s = base.model_copy(update={"backend": chosen})
+    models = load_models_config()
+    admissions = [
+        trials.Admission(canon=c, hidden_size=hidden_size_for(c, models), steps=run_steps)
+        for c in parsed
+    ]
+
+    async def main() -> dict[str, Any]:
+        dsn, _ = db.resolve_dsn(s)
+        conn = await db.connect(dsn)
+        try:
+            await migrate.migrate(conn)
+            await trials.ensure_race(
+                conn,
+                race_name,
+                who,
+                kind=str(cfg.get("kind", "hunt")),
+                horizon=run_steps,
+                config={"auto_teardown": bool(cfg.get("auto_teardown", False))},
+            )
+            admitted = await trials.admit(conn, race_name, who, admissions, backend=chosen)
+            report = None if no_deploy else await _deploy(conn, s, who, race_name)
+        finally:
+            await conn.close()
+        return {
+            "race": race_name,
+            "account": who,
+            "admitted": admitted,
+            "already_admitted": [str(c) for c in parsed if str(c) not in admitted],
+            "deploy": None if report is None else report.summary(),
+        }
+
+    result = anyio.run(main)
+
+    def human() -> None:
+        typer.echo(
+            f"race {result['race']}: admitted {len(result['admitted'])}, "
+            f"already there {len(result['already_admitted'])}"
+        )
+        if result["deploy"] is not None:
+            typer.echo(f"deploy: {result['deploy']}")
+
+    emit(result, as_json, human)
+
+
+async def _deploy(conn: asyncpg.Connection, s: Settings, who: str, race: str) -> ReconcileReport:
+    rows = [r for r in await conn.fetch(Q.desired_trials, who) if r["race"] == race]
+    models = load_models_config()
+    specs = [build_spec(r, s, models) for r in rows]
+    backend: Backend = default_backend_factory(s)(who)
+    try:
+        return await reconcile_once(specs, backend)
+    finally:
+        await backend.aclose()
+
+
+def services_cmd(acct: AccountOpt = None, as_json: JsonOpt = False) -> None:
+    """What runs for the account: desired state in the ledger against what its backends see."""
+    who = account(acct)
+    s = settings()
+
+    async def main() -> list[dict[str, Any]]:
+        dsn, _ = db.resolve_dsn(s)
+        conn = await db.connect(dsn)
+        try:
+            await migrate.migrate(conn)
+            rows = await conn.fetch(Q.desired_trials, who)
+        finally:
+            await conn.close()
+        observed: dict[str | None, ServiceState] = {}
+        for kind in sorted({r["backend"] for r in rows if r["backend"]} or {s.backend}):
+            backend = default_backend_factory(s.model_copy(update={"backend": kind}))(who)
+            try:
+                observed.update((o.canon_name, o) for o in await backend.observe() if o.owned)
+            finally:
+                await backend.aclose()
+        out = []
+        for r in rows:
+            o = observed.pop(r["canon_name"], None)
+            out.append(
+                {
+                    "canon_name": r["canon_name"],
+                    "race": r["race"],
+                    "desired": r["desired_state"],
+                    "observed": o.status.value if o else "absent",
+                    "service": o.service_name if o else None,
+                }
+            )
+        out += [
+            {
+                "canon_name": name,
+                "race": None,
+                "desired": "orphan",
+                "observed": o.status.value,
+                "service": o.service_name,
+            }
+            for name, o in observed.items()
+        ]
+        return out
+
+    services = anyio.run(main)
+
+    def human() -> None:
+        table = Table("canon name", "race", "desired", "observed", "service")
+        for x in services:
+            table.add_row(
+                x["canon_name"], x["race"] or "", x["desired"], x["observed"], x["service"] or ""
+            )
+        console.print(table)
+
+    emit(services, as_json, human)
