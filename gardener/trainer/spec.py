@@ -9,12 +9,12 @@ architecture with its default hidden size, learning rate and context.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gardener.configfiles import read_toml
 from gardener.core.canon import CanonName
 from gardener.errors import ConfigError
 
@@ -80,29 +80,10 @@ class ModelsConfig:
                               f"(known: {known})") from None
 
 
-def config_candidates() -> list[Path]:
-    """Where ``models.toml`` is looked for: the installed wheel's copy, then the repository's."""
-    here = Path(__file__).resolve()
-    return [
-        here.parents[1] / "_configs" / "models.toml",
-        here.parents[2] / "configs" / "models.toml",
-    ]
-
-
 def load_models_config(path: str | Path | None = None) -> ModelsConfig:
-    """Read and validate ``models.toml`` (an explicit path, else the first candidate found)."""
-    if path is None:
-        found = next((p for p in config_candidates() if p.is_file()), None)
-        if found is None:
-            where = ", ".join(map(str, config_candidates()))
-            raise ConfigError(f"models.toml not found in {where}")
-        path = found
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    return parse_models_config(raw, source=str(path))
+    """Read and validate ``models.toml`` (an explicit path, else the shipped one)."""
+    raw, source = read_toml("models.toml", path)
+    return parse_models_config(raw, source=source)
 
 
 def parse_models_config(raw: Mapping[str, Any], source: str = "") -> ModelsConfig:

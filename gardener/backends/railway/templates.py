@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gardener.backends.base import RestartPolicy, ServiceSpec
+from gardener.configfiles import read_toml
 from gardener.core.canon import parse
 from gardener.core.types import DesiredState
 from gardener.errors import ConfigError
@@ -47,26 +47,10 @@ class Templates:
         return self.models.get(model, self.default)
 
 
-def config_candidates() -> list[Path]:
-    here = Path(__file__).resolve()
-    return [
-        here.parents[2] / "_configs" / "railway.toml",
-        here.parents[3] / "configs" / "railway.toml",
-    ]
-
-
 def load_templates(path: str | Path | None = None) -> Templates:
-    """Read ``railway.toml`` (an explicit path, else the installed or repository copy)."""
-    if path is None:
-        path = next((p for p in config_candidates() if p.is_file()), None)
-        if path is None:
-            raise ConfigError("railway.toml not found")
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    return parse_templates(raw, str(path))
+    """Read ``railway.toml`` (an explicit path, else the shipped one)."""
+    raw, source = read_toml("railway.toml", path)
+    return parse_templates(raw, source)
 
 
 def parse_templates(raw: Mapping[str, Any], source: str = "railway.toml") -> Templates:
