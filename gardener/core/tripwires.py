@@ -62,36 +62,57 @@ class CleanCurve:
 
 def clean_curve(steps: IntArray, bpb: FloatArray) -> CleanCurve:
     """Keep valid samples in arrival order; a step that goes backwards, or repeats with a
-    different value, is left out (the first value of a step wins)."""
-    out_s: list[int] = []
-    out_v: list[float] = []
-    seen: dict[int, float] = {}
+    different value, is left out (the first value of a step wins).
+
+    Vectorised: a valid sample is kept exactly when its step is above every valid step
+    before it (a skipped sample never raises that maximum, so the maximum of the kept steps
+    and of the valid steps agree); a skipped one repeats a kept step (a conflict when the
+    value differs) or went backwards. The common case, a clean increasing curve, costs a
+    few array operations.
+    """
+    s = np.asarray(steps).astype(np.int64, copy=False)
+    v = np.asarray(bpb).astype(np.float64, copy=False)
+    n = len(s)
+    if n == 0:
+        return CleanCurve(s, v)
+    if (n == 1 or bool((s[1:] > s[:-1]).all())) and s[0] >= 0:
+        # Increasing from a valid first step; the values: a NaN makes min() NaN, never >= 0.
+        if v.min() >= 0.0 and v.max() < np.inf:
+            return CleanCurve(s, v)
+    valid = (s >= 0) & (v >= 0.0) & (v < np.inf)  # NaN fails both comparisons
+    all_valid = bool(valid.all())
     bad: list[tuple[int, float, str]] = []
+    if not all_valid:
+        for i in np.flatnonzero(~valid).tolist():
+            si, vi = int(s[i]), float(v[i])
+            why = check_sample(si, vi)
+            assert why is not None
+            bad.append((si, vi, why))
+    vi_idx = np.flatnonzero(valid)
+    vs, vv = s[vi_idx], v[vi_idx]
+    if len(vs) == 0:
+        return CleanCurve(vs, vv, tuple(bad))
+    before = np.empty(len(vs), dtype=np.int64)  # the highest valid step before each one
+    before[0] = np.iinfo(np.int64).min
+    if len(vs) > 1:
+        np.maximum.accumulate(vs[:-1], out=before[1:])
+    keep = vs > before
+    ks, kv = vs[keep], vv[keep]
     back: list[tuple[int, int]] = []
     conf: list[tuple[int, float, float]] = []
-    for s_raw, v_raw in zip(steps.tolist(), bpb.tolist(), strict=True):
-        s, v = int(s_raw), float(v_raw)
-        why = check_sample(s, v)
-        if why is not None:
-            bad.append((s, v, why))
-            continue
-        if s in seen:
-            if seen[s] != v:
-                conf.append((s, seen[s], v))
-            continue
-        if out_s and s < out_s[-1]:
-            back.append((out_s[-1], s))
-            continue
-        seen[s] = v
-        out_s.append(s)
-        out_v.append(v)
-    return CleanCurve(
-        np.asarray(out_s, dtype=np.int64),
-        np.asarray(out_v, dtype=np.float64),
-        tuple(bad),
-        tuple(back),
-        tuple(conf),
-    )
+    skipped = np.flatnonzero(~keep)
+    if len(skipped):
+        ss, sv, sb = vs[skipped], vv[skipped], before[skipped]
+        pos = np.minimum(np.searchsorted(ks, ss), len(ks) - 1)
+        repeat = ks[pos] == ss
+        for j in range(len(skipped)):
+            if repeat[j]:
+                first = float(kv[pos[j]])
+                if first != float(sv[j]):
+                    conf.append((int(ss[j]), first, float(sv[j])))
+            else:
+                back.append((int(sb[j]), int(ss[j])))
+    return CleanCurve(ks, kv, tuple(bad), tuple(back), tuple(conf))
 
 
 def check_trial(
