@@ -1,8 +1,10 @@
 """Backtest every scenario by hand and print one JSON document (never a timed test).
 
 Scenarios: the recorded IGLA curves (one race per group) on two rung ladders; the same
-curves as one mixed race; two halves of the groups (a leave-half-out check that the figures
-do not hinge on a few groups); synthetic races with persistent seed effects, early transients
+curves as one mixed race; two halves of the groups (a leave-half-out check: a change is
+chosen on half A and reported on half B); the reference trainer's recorded curves
+(docs/curves/trainer_curves.csv, one race per variant, on both ladders, and as one mixed
+race); synthetic races with persistent seed effects, early transients
 that fade, shared noise and per-run jitter. ``--plot DIR`` also draws compute against
 nregret for every method (docs/img/backtest_*.png).
 
@@ -23,6 +25,7 @@ import numpy as np
 from gardener.race.backtest import Race, Run, load_curves, run_backtest
 
 CURVES = Path("/work/shared/curves/igla_trios_results.csv")
+TRAINER_CURVES = Path(__file__).resolve().parent.parent / "docs/curves/trainer_curves.csv"
 LADDERS = {
     "octaves": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0),
     "linear": (0.1, 0.2, 0.4, 0.6, 0.8, 1.0),
@@ -76,10 +79,16 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in results if r["scenario"] in ("igla-groups", "synthetic", "igla-one-race")]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4), sharey=False)
+    wanted = ("igla-groups", "igla-one-race", "synthetic", "trainer-groups", "trainer-one-race")
+    shown = [r for r in results if r["scenario"] in wanted and r["ladder"] == "octaves"]
+    cols = min(3, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), sharey=False)
     marks = {"gardener": "o", "seed": "s", "full": "^", "halving": "v", "median": "D"}
-    for ax, r in zip(np.atleast_1d(axes), shown, strict=True):
+    flat = list(np.atleast_1d(axes).ravel())
+    for ax in flat[len(shown):]:
+        ax.set_visible(False)
+    for ax, r in zip(flat, shown, strict=False):
         for method, s in r["summary"].items():
             ax.scatter(s["compute"], s["nregret"], marker=marks.get(method, "x"), s=60,
                        label=method)
@@ -100,6 +109,7 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--curves", type=Path, default=CURVES)
+    ap.add_argument("--trainer-curves", type=Path, default=TRAINER_CURVES)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     races = load_curves(args.curves)
@@ -113,6 +123,13 @@ def main() -> None:
         run("igla-one-race", one_race(races), "octaves"),
         run("synthetic", synthetic(), "octaves"),
     ]
+    if args.trainer_curves.exists():
+        trainer = load_curves(args.trainer_curves)
+        results += [
+            run("trainer-groups", trainer, "octaves"),
+            run("trainer-groups", trainer, "linear"),
+            run("trainer-one-race", one_race(trainer), "octaves"),
+        ]
     if args.plot:
         plot(results, args.plot)
     json.dump({"results": results}, sys.stdout, indent=2)
