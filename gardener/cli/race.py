@@ -6,13 +6,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import asyncpg
 import typer
 
-from gardener.backends.base import ServiceState
+from gardener import logs
+from gardener.backends.base import Backend, ServiceState
 from gardener.cli.common import AccountOpt, JsonOpt, emit, settings, with_db
 from gardener.errors import UserError
 from gardener.ledger import db
@@ -33,31 +34,76 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report_cmd)
 
 
-def _observer(s: Settings, kind: str, account: str) -> smoke.ObserveFn:
-    """``observe()`` of the race's backend, built once and reused (criterion 13, teardown)."""
+def _backend(s: Settings, kind: str, account: str) -> Backend:
+    """The race's backend, built once: observe() for criterion 13 and the teardown, stop()
+    for an interrupted run."""
     from gardener.backends import make_backend
 
     token = s.railway_token(account)
-    backend = make_backend(
+    return make_backend(
         kind, account, data_dir=s.data_dir,
         railway_token=token.get_secret_value() if token else None,
         project_id=s.railway_project(account), environment_id=s.railway_environment(account),
         base_url=s.railway_url,
     )
 
+
+def _observer(backend: Backend) -> smoke.ObserveFn:
     async def observe() -> Sequence[ServiceState]:
         return await backend.observe()
 
     return observe
 
 
+def _stopper(backend: Backend, account: str) -> smoke.StopFn:
+    """Stop the named trials at once (each one's process group: SIGTERM, then SIGKILL)."""
+
+    async def stop_trials(names: Sequence[str]) -> Sequence[str]:
+        stopped: list[str] = []
+
+        async def one(name: str) -> None:
+            try:
+                if await backend.stop(name, account=account):
+                    stopped.append(name)
+            except (OSError, UserError) as exc:
+                smoke.log().warning("smoke_stop_failed", canon_name=name, error=str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(one, name)
+        return sorted(stopped)
+
+    return stop_trials
+
+
+class _ConsoleStream:
+    """Log lines printed above the live table instead of through it."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    def write(self, text: str) -> int:
+        from rich.text import Text
+
+        if text.strip():
+            self.console.print(Text.from_ansi(text.rstrip("\n")))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
 class _LiveTable:
     """A rich Live table on a terminal: trial, step, BPB, state."""
 
-    def __init__(self) -> None:
+    def __init__(self, header: str) -> None:
         from rich.console import Console
         from rich.live import Live
 
+        self.header = header
         self.console = Console(stderr=True)
         self.live = Live(console=self.console, refresh_per_second=4, transient=False)
 
@@ -72,7 +118,7 @@ class _LiveTable:
         from rich.table import Table
 
         t = Table(title=f"{p.race} — {p.phase}, {p.elapsed_s:.0f} s, "
-                  f"{p.finished}/{len(p.rows)} finished", expand=False)
+                  f"{p.finished}/{len(p.rows)} finished", caption=self.header, expand=False)
         for col in ("trial", "step", "BPB", "samples", "state"):
             t.add_column(col, justify="right" if col in ("step", "BPB", "samples") else "left")
         for r in p.rows:
@@ -80,6 +126,11 @@ class _LiveTable:
             t.add_row(r["canon_name"], str(r["step"] or ""), bpb, str(r["samples"]),
                       f"{r['desired']}/{r['observed']}")
         self.live.update(t)
+
+
+def _in_checkout(cwd: Path) -> bool:
+    """Whether ``cwd`` is a checkout of this project (its docs/ is where the report belongs)."""
+    return (cwd / "configs" / "gate0-smoke.toml").is_file() and (cwd / "gardener").is_dir()
 
 
 def smoke_race_cmd(
@@ -92,13 +143,16 @@ def smoke_race_cmd(
     acct: AccountOpt = None,
     auto_teardown: Annotated[bool | None, typer.Option(
         "--auto-teardown/--no-auto-teardown", help="Stop every service at the end.")] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Markdown report path.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Markdown report path "
+                      "(default: docs/SMOKE_GATE_0_REPORT.md in a checkout, else in the data "
+                      "directory).")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="local or railway.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the Gate-0 smoke race end to end and check its 14 acceptance criteria.
 
-    Exits non-zero when any criterion is RED; prints SMOKE_DONE when all are GREEN.
+    Exits 0 with SMOKE_DONE when all are GREEN, 1 when any is RED, 130 on Ctrl-C and 143 on
+    SIGTERM (every trainer of the race stopped, the race marked torn_down).
     """
     s = settings()
     cfg = smoke.load_config(config).with_overrides(
@@ -107,14 +161,28 @@ def smoke_race_cmd(
         report=str(report) if report else None, backend=backend,
     )
     s.require_account(cfg.account)
+    fallback = s.data_dir.resolve() / "reports"
+    if report is None and cfg.report and not Path(cfg.report).is_absolute() \
+            and not _in_checkout(Path.cwd()):
+        cfg = cfg.with_overrides(report=str(fallback / Path(cfg.report).name))
     from gardener.trainer.data import describe
 
     run_settings = s.model_copy(update={
         "backend": cfg.backend, "account": cfg.account, "corpus": cfg.corpus,
         "corpus_sha256": describe(cfg.corpus)[1],
     })
-    observe = _observer(s, cfg.backend, cfg.account)
-    live = _LiveTable() if sys.stderr.isatty() and not as_json else None
+    race_backend = _backend(s, cfg.backend, cfg.account)
+    embedded = s.database_dsn() is None
+    where = [f"embedded PostgreSQL in {db.embedded_dir(s)}" if embedded else ""]
+    live = _LiveTable("") if sys.stderr.isatty() and not as_json else None
+
+    def say(text: str) -> None:
+        """A plain line for the user on stderr (stdout stays the result)."""
+        typer.echo(text, err=True)
+
+    if live is not None:  # daemon logs above the table, and only what needs attention
+        logs.configure(s.log_format, "warning" if s.log_level.lower() in ("info", "debug")
+                       else s.log_level, stream=_ConsoleStream(live.console))
     log = smoke.log()
     last = [0.0]
 
@@ -128,28 +196,70 @@ def smoke_race_cmd(
                      min_step=min((r["step"] or 0 for r in p.rows), default=0))
 
     async def main() -> smoke.SmokeResult:
-        dsn, _ = db.resolve_dsn(s)
-        return await smoke.run_smoke(cfg, run_settings, dsn=dsn, observe=observe,
-                                     on_progress=on_progress)
+        if embedded:
+            say(f"ledger: starting {where[0]} ...")
+        dsn, described = await anyio.to_thread.run_sync(db.resolve_dsn, s)
+        where[0] = described
+        say(f"ledger: {described}; trainers: {cfg.backend} backend"
+            + (f", state in {race_backend_state(s)}" if cfg.backend == "local" else "")
+            + (f"; report: {cfg.report}" if cfg.report else ""))
+        if live is not None:
+            live.header = f"ledger: {described} — Ctrl-C stops every trainer of the race"
+        log.info("smoke_ledger", ledger=described, backend=cfg.backend, report=cfg.report)
+        return await smoke.run_smoke(cfg, run_settings, dsn=dsn, observe=_observer(race_backend),
+                                     stop_trials=_stopper(race_backend, cfg.account),
+                                     on_progress=on_progress, report_fallback=fallback,
+                                     handle_signals=True)
 
-    if live is not None:
-        with live:
+    try:
+        if live is not None:
+            with live:
+                result = anyio.run(main)
+        else:
             result = anyio.run(main)
-    else:
-        result = anyio.run(main)
+    except KeyboardInterrupt:  # before the race's own handler was installed: nothing runs yet
+        say("interrupted (SIGINT) before the race started: nothing was admitted or started")
+        raise typer.Exit(130) from None
+    db_note = (" (the embedded PostgreSQL keeps running: `gardener db stop` stops it)"
+               if embedded else "")
+
+    if result.interrupted is not None:
+        i = result.interrupted
+        if as_json:
+            emit(result.to_dict(), True, lambda: None)
+        if i.status is None:
+            say(f"interrupted ({i.signal}) before the race was admitted: nothing runs{db_note}")
+        else:
+            left = (f"; STILL RUNNING: {', '.join(i.left_running)}" if i.left_running else "")
+            say(f"interrupted ({i.signal}) during {i.phase}: {len(i.stopped)} trainer(s) "
+                f"stopped{left}; race {result.race} marked {i.status} in the ledger "
+                f"({where[0]}){db_note}")
+        raise typer.Exit(i.exit_code)
 
     def human() -> None:
+        width = max((len(c.title) for c in result.criteria), default=0)
+        typer.echo(f"Gate-0 criteria of {result.race}:")
         for c in result.criteria:
             colour = typer.colors.GREEN if c.green else typer.colors.RED
-            typer.secho(f"{c.number:>2} {c.status:<5} {c.title}: {c.evidence}", fg=colour)
+            typer.secho(f"{c.number:>2} {c.status:<5} {c.title:<{width}}  {c.evidence}",
+                        fg=colour)
+        if result.report_note:
+            typer.echo(f"note: {result.report_note}")
         if result.report:
             typer.echo(f"report: {result.report}")
+        typer.echo(f"ledger: {where[0]}")
         red = ", ".join(str(c.number) for c in result.criteria if not c.green)
-        typer.echo(crit.SMOKE_DONE if result.smoke_done else f"SMOKE FAILED: {red} RED")
+        typer.echo((crit.SMOKE_DONE if result.smoke_done else f"SMOKE FAILED: {red} RED")
+                   + db_note)
 
     emit(result.to_dict(), as_json, human)
     if not result.smoke_done:
         raise typer.Exit(1)
+
+
+def race_backend_state(s: Settings) -> Path:
+    """Where the local backend keeps its pid records and trainer logs."""
+    return (s.data_dir / "local").resolve()
 
 
 @leaderboard_app.command("rank")

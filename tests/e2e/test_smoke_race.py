@@ -2,13 +2,16 @@
 
 2 tags x 2 seeds of 60 steps, twice in a row on one database: both runs end with SMOKE_DONE,
 the second takes the next seeds of each block, nothing is left running, and a run that
-needs more seeds than a block has left is refused before anything starts.
+needs more seeds than a block has left is refused before anything starts. Ctrl-C in the middle
+of a race stops every trainer and marks the race.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from gardener.backends import local
 from gardener.race import criteria as crit
 
 CLI = [sys.executable, "-c", "from gardener.cli import main; main()"]
@@ -78,3 +82,57 @@ async def test_reduced_smoke_race_twice_in_a_row(db_dsn: str, tmp_path: Path) ->
     spent = run([*args[:3], "--seeds-per-tag", "7", *args[5:]], db_dsn, tmp_path / "data")
     assert spent.returncode == 2
     assert "SeedsExhausted" in spent.stderr and "has 6 unused seed(s)" in spent.stderr
+
+
+@pytest.mark.slow
+async def test_sigint_tears_the_race_down(db_dsn: str, tmp_path: Path) -> None:
+    """Ctrl-C mid-race: every trainer's process group is gone, the race is marked torn_down
+    with the signal as its reason, the command says so in one line and exits 130."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GARDENER_", "DATABASE_"))}
+    env |= {"DATABASE_URL": db_dsn, "GARDENER_DATA_DIR": str(data), "GARDENER_LOG_FORMAT": "json"}
+    args = ["smoke-race", "--tags", "WSD,h768", "--seeds-per-tag", "2", "--max-steps", "5000",
+            "--wallclock", "90s", "--report", str(tmp_path / "SMOKE.md")]
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
+        proc = await asyncio.create_subprocess_exec(*CLI, *args, stdout=out_f, stderr=err_f,
+                                                    env=env)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        samples = 0
+        for _ in range(300):  # the first samples of the race's trainers, at most 60 s
+            samples = await conn.fetchval(
+                "SELECT count(*) FROM bpb_samples b JOIN igla_race_trials t USING (canon_name)")
+            if samples or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.2)
+        assert samples, "no sample arrived"
+        records = [json.loads(p.read_text()) for p in (data / "local").glob("*.json")]
+        assert len(records) == 4 and all(r["pgid"] for r in records)
+        assert all(local._group_alive(r["pgid"]) for r in records)  # really running
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), timeout=60)
+        out, err = out_path.read_text(), err_path.read_text()
+        assert proc.returncode == 130, out[-2000:] + err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("interrupted (SIGINT) during running: 4 trainer(s) stopped")
+        assert "marked torn_down in the ledger" in last
+        assert not (tmp_path / "SMOKE.md").exists()
+        # Nothing of the race is left: no process in any trainer's group, none naming a trial.
+        assert [r["pgid"] for r in records if local._group_alive(r["pgid"])] == []
+        names = [r["canon_name"] for r in records]
+        race = await conn.fetchval("SELECT name FROM races")
+        assert crit.live_processes(names, race) == []
+        assert await conn.fetchval("SELECT status FROM races") == "torn_down"
+        reason = await conn.fetchval(
+            "SELECT reason FROM gardener_decisions WHERE action = 'verdict' AND canon_name = $1",
+            race)
+        assert reason.startswith("SMOKE INTERRUPTED by SIGINT during running")
+        states = await conn.fetch("SELECT desired_state, observed_state FROM igla_race_trials")
+        assert {(r["desired_state"], r["observed_state"]) for r in states} == {
+            ("stopped", "stopped")}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await conn.close()
