@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,126 @@ def _event(row: Mapping[str, Any]) -> TripwireEvent:
     )
 
 
+@dataclass
+class _TrialSamples:
+    """One trial's samples as the cache holds them: arrays in arrival order, the latest time."""
+
+    steps: np.ndarray
+    bpb: np.ndarray
+    last_ts: float | None
+
+    @property
+    def count(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class _RaceSamples:
+    mark: int = 0  # the highest sample id merged into the cache
+    trials: dict[tuple[str, int], _TrialSamples] = field(default_factory=dict)
+
+
+@dataclass
+class SampleCache:
+    """Samples of the races the loop decides, kept between snapshots so a snapshot reads
+    only what is new.
+
+    Each load reads the rows above the race's id watermark and, per trial, how many samples
+    the ledger holds. Ids are taken at insert and visible at commit, so a row can appear
+    below the watermark later: the count then exceeds what the cache holds plus the new rows,
+    and that trial is read again in full (as is a trial the cache has not seen). Samples are
+    only ever inserted, so equal counts mean equal rows: the snapshot is the one a full read
+    gives. After a restart the cache is empty and the first load is a full read.
+    """
+
+    races: dict[str, _RaceSamples] = field(default_factory=dict)
+    full_reads: int = 0  # trials read in full (first sight, or a row behind the watermark)
+    rows_read: int = 0  # rows read by id above a watermark
+
+    def retain(self, races: set[str]) -> None:
+        """Forget the races no longer decided (done, or another account's)."""
+        for name in set(self.races) - races:
+            del self.races[name]
+
+
+def _trial_view(r: Mapping[str, Any], steps: np.ndarray, bpb: np.ndarray, silent: Any) -> TrialView:
+    return TrialView(
+        canon_name=r["canon_name"],
+        variant=r["variant"],
+        seed=int(r["seed"]),
+        steps=steps,
+        bpb=bpb,
+        desired_state=DesiredState(r["desired_state"]),
+        observed_state=r["observed_state"],
+        parent=r["parent"],
+        rung=int(r["rung"]),
+        last_sample_at=silent,
+        corpus_sha256=r["corpus_sha256"],
+        hidden_size=r["hidden_size"],
+        format=r["format"],
+    )
+
+
+async def _cached_trials(
+    conn: asyncpg.Connection, race: str, cache: SampleCache
+) -> tuple[list[Mapping[str, Any]], list[TrialView]]:
+    """The race's trials with their samples from the cache, topped up from the ledger (inside
+    the caller's repeatable-read transaction). The cache changes only once every query has
+    answered, so a failed or cancelled load leaves it as it was."""
+    rows = await conn.fetch(Q.snapshot_trials_meta, race)
+    held = cache.races.get(race, _RaceSamples())
+    new: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    mark = held.mark
+    if race in cache.races:
+        tail = await conn.fetch(Q.race_samples_after, race, held.mark)
+        cache.rows_read += len(tail)
+        for b in tail:
+            new.setdefault((b["canon_name"], int(b["seed"])), []).append(b)
+        if tail:
+            mark = max(mark, int(tail[-1]["id"]))
+    keys = [(r["canon_name"], int(r["seed"])) for r in rows]
+    now_held: dict[tuple[str, int], _TrialSamples] = {}
+    again: list[str] = []
+    for r, key in zip(rows, keys, strict=True):
+        have = held.trials.get(key)
+        add = new.get(key, [])
+        n = int(r["n_samples"])
+        if have is not None and have.count + len(add) == n:
+            if add:
+                last = max(b["ts"] for b in add)
+                have = _TrialSamples(
+                    np.concatenate([have.steps, np.asarray([b["step"] for b in add], np.int64)]),
+                    np.concatenate([have.bpb, np.asarray([b["bpb"] for b in add], np.float64)]),
+                    last if have.last_ts is None else max(have.last_ts, last),
+                )
+            now_held[key] = have
+        elif n == 0:
+            now_held[key] = _TrialSamples(
+                np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64), None
+            )
+        else:
+            again.append(key[0])
+    if again:
+        for f in await conn.fetch(Q.trial_samples_full, race, again):
+            now_held[(f["canon_name"], int(f["seed"]))] = _TrialSamples(
+                np.asarray(f["sample_steps"], dtype=np.int64),
+                np.asarray(f["sample_bpbs"], dtype=np.float64),
+                f["last_ts"],
+            )
+            if f["max_id"] is not None:
+                mark = max(mark, int(f["max_id"]))
+        cache.full_reads += len(again)
+    cache.races[race] = _RaceSamples(mark, now_held)
+    views = []
+    for r, key in zip(rows, keys, strict=True):
+        s = now_held[key]
+        silent = r["last_sample_epoch"]
+        if silent is None:
+            silent = s.last_ts if s.last_ts is not None else r["fallback_epoch"]
+        views.append(_trial_view(r, s.steps, s.bpb, silent))
+    return list(rows), views
+
+
 async def load_snapshot(
     conn: asyncpg.Connection,
     race: RaceInfo,
@@ -135,32 +255,32 @@ async def load_snapshot(
     paused: bool,
     expected_corpus_sha256: str | None = None,
     now: float | None = None,
+    cache: SampleCache | None = None,
 ) -> Snapshot:
-    """The race as the core sees it, read in one consistent transaction."""
+    """The race as the core sees it, read in one consistent transaction.
+
+    With a ``cache`` (the loop keeps one), only the samples new since the race's last
+    snapshot are read; the snapshot is the same as a full read's.
+    """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         db_now = float(await conn.fetchval(Q.now_epoch))
-        rows = await conn.fetch(Q.snapshot_trials, race.name)
+        if cache is None:
+            rows = await conn.fetch(Q.snapshot_trials, race.name)
+            trials = tuple(
+                _trial_view(
+                    r,
+                    np.asarray(r["sample_steps"], dtype=np.int64),
+                    np.asarray(r["sample_bpbs"], dtype=np.float64),
+                    r["silent_since"],
+                )
+                for r in rows
+            )
+        else:
+            rows, views = await _cached_trials(conn, race.name, cache)
+            trials = tuple(views)
         variants = sorted({r["variant"] for r in rows})
         seed_rows = await conn.fetch(Q.used_seeds_for, variants) if variants else []
         events = await conn.fetch(Q.race_tripwires, race.name)
-    trials = tuple(
-        TrialView(
-            canon_name=r["canon_name"],
-            variant=r["variant"],
-            seed=int(r["seed"]),
-            steps=np.asarray(r["sample_steps"], dtype=np.int64),
-            bpb=np.asarray(r["sample_bpbs"], dtype=np.float64),
-            desired_state=DesiredState(r["desired_state"]),
-            observed_state=r["observed_state"],
-            parent=r["parent"],
-            rung=int(r["rung"]),
-            last_sample_at=r["silent_since"],
-            corpus_sha256=r["corpus_sha256"],
-            hidden_size=r["hidden_size"],
-            format=r["format"],
-        )
-        for r in rows
-    )
     used = {r["variant"]: frozenset(int(s) for s in r["seeds"]) for r in seed_rows}
     open_events = tuple(_event(e) for e in events if e["acknowledged_at"] is None)
     reviewed = frozenset(_event(e).key for e in events if e["acknowledged_at"] is not None)

@@ -2,7 +2,8 @@
 
 NOTIFY is only a hint: ``gardener_samples`` wakes the tick early, ``gardener_desired`` wakes
 the reconciler when a trial's desired state changed, ``gardener_control`` flips the pause
-flag at once (so a pause takes effect well within a second); the tick re-reads the
+flag at once (so a pause takes effect well within a second) and, with a tripwire
+acknowledgement, makes the tick re-decide the held race at once; the tick re-reads the
 flag from the table each time and finds new samples by watermark, so a lost notification
 costs at most one poll interval. The listening connection lives outside the pool and is
 re-opened when it drops.
@@ -74,9 +75,7 @@ class LoopState:
         self.paused, self.pause_reason = paused, reason
         metrics.PAUSED.set(1 if paused else 0)
         if changed:
-            log.info(
-                "paused" if paused else "resumed", reason=reason, changed_by=by, source=source
-            )
+            log.info("paused" if paused else "resumed", reason=reason, changed_by=by, source=source)
             self.tick_wakeup.set()
             self.reconcile_wakeup.set()
 
@@ -88,6 +87,16 @@ class LoopState:
 
     def take_observed_changed(self) -> bool:
         changed, self.observed_changed = self.observed_changed, False
+        return changed
+
+    control_changed: bool = False  # a gardener_control notification (pause, tripwire ack)
+
+    def note_control(self) -> None:
+        self.control_changed = True
+        self.tick_wakeup.set()
+
+    def take_control(self) -> bool:
+        changed, self.control_changed = self.control_changed, False
         return changed
 
     def request_stop(self) -> None:
@@ -133,7 +142,9 @@ class Listener:
             self.state.set_paused(
                 bool(data["paused"]), data.get("reason"), data.get("changed_by"), "notify"
             )
-        self.state.tick_wakeup.set()
+        # A tripwire acknowledgement (0004_ack_notify.sql) comes here too: the tick looks for
+        # new acknowledgements and re-decides their races at once.
+        self.state.note_control()
 
     async def run(self) -> None:
         """Listen until the stop event; a dropped connection is re-opened after ``retry`` s."""

@@ -39,7 +39,13 @@ from gardener.core.types import Action, Decision
 from gardener.ledger import control as ledger_control
 from gardener.ledger.apply import Applied, Outcome, action_key, apply_decision
 from gardener.ledger.queries import Queries
-from gardener.ledger.snapshot import RaceInfo, base_config, load_snapshot, race_config
+from gardener.ledger.snapshot import (
+    RaceInfo,
+    SampleCache,
+    base_config,
+    load_snapshot,
+    race_config,
+)
 from gardener.loop import metrics
 from gardener.loop.control import LoopState
 from gardener.settings import Settings
@@ -112,6 +118,9 @@ class Ticker:
         self._holding: set[str] = set()  # races whose last decide held something
         self._was_paused: bool | None = None
         self._was_paused_before = False  # this tick is the first after a resume
+        self.samples = SampleCache()  # per-race samples: a snapshot reads only new rows
+        self.ack_window = max(120.0, 4 * rescan_every)
+        self._acks_seen: set[int] | None = None  # acknowledged tripwires already acted on
 
     # -- helpers ------------------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -156,6 +165,7 @@ class Ticker:
             paused = ctl.paused
             report.paused = paused
             races = await self._races(conn)
+            self.samples.retain(set(races))
             now = self.clock()
             crossing: set[str] = set()
             # Wake-ups from here on may be new samples this tick does not see: it yields to them.
@@ -189,6 +199,10 @@ class Ticker:
             self._was_paused_before = bool(self._was_paused) and not paused
             if self._was_paused_before:
                 crossing |= self._holding & set(races)  # resumed: held decisions go now
+            control = self.state is None or self.state.take_control()
+            if control or rescan:
+                # A tripwire acknowledged: what it held goes now, not at the next rescan.
+                crossing |= await self._acked(conn) & set(races)
             self._was_paused = paused
             soft_due: list[str] = []
             for name in sorted(self._soft - crossing):
@@ -246,6 +260,19 @@ class Ticker:
             self.state.last_tick_at = time.time()
         return report
 
+    async def _acked(self, conn: asyncpg.Connection) -> set[str]:
+        """The races of tripwires acknowledged since the last look (none at the first look:
+        a restarted loop looks at every race anyway)."""
+        rows = await conn.fetch(Q.recent_acks, self.ack_window)
+        ids = {int(r["id"]) for r in rows}
+        seen, self._acks_seen = self._acks_seen, ids
+        if seen is None:
+            return set()
+        out = {r["race"] for r in rows if int(r["id"]) not in seen and r["race"] is not None}
+        for name in sorted(out):
+            log.info("tripwire_acknowledged", race=name)
+        return out
+
     def _settled_watermark(self, now: float, high: int) -> int | None:
         """Where this tick's scan starts: the highest id seen ``settle`` seconds ago.
 
@@ -278,7 +305,11 @@ class Ticker:
         self, conn: asyncpg.Connection, race: RaceInfo, paused: bool, report: TickReport
     ) -> None:
         snapshot = await load_snapshot(
-            conn, race, paused=paused, expected_corpus_sha256=self.settings.corpus_sha256
+            conn,
+            race,
+            paused=paused,
+            expected_corpus_sha256=self.settings.corpus_sha256,
+            cache=self.samples,
         )
         cfg = self.config_for(race)
         t0 = time.perf_counter()
@@ -318,9 +349,7 @@ class Ticker:
         if result.outcome is Outcome.DUPLICATE:
             report.duplicates += 1
             return
-        bound = log.bind(
-            race=race.name, canon_name=d.canon_name, rung=d.rung, account=race.account
-        )
+        bound = log.bind(race=race.name, canon_name=d.canon_name, rung=d.rung, account=race.account)
         if result.outcome is Outcome.HELD:
             report.held += 1
             bound.info(

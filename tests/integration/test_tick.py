@@ -3,20 +3,26 @@
 Samples in, decisions out; the level-triggered rescan catches a row committed behind the
 watermark; pause holds (logged once) and resume applies; stalls fire once; a race whose trials
 all ended is marked done and torn down; the reconciler drives a backend, writes observed state
-back, makes no change while paused, and feeds service logs to the ingest writer.
+back, makes no change while paused, and feeds service logs to the ingest writer. The loop's
+sample cache gives the snapshot a full read gives (after a restart, a new trial, a row committed
+behind the watermark), and a tripwire acknowledgement releases held promotions at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import asyncpg
 import pytest
 
 from gardener.backends.base import EnsureOutcome, LogLine, ServiceSpec, ServiceState, Status
+from gardener.core import canon
+from gardener.core.types import Snapshot
 from gardener.ingest.writer import SampleWriter
 from gardener.ledger import control, trials
+from gardener.ledger.snapshot import RaceInfo, SampleCache, load_snapshot, race_info
 from gardener.loop.control import LoopState
 from gardener.loop.reconciler import Reconciler
 from gardener.loop.tick import Ticker
@@ -332,3 +338,163 @@ async def test_a_task_that_dies_stops_the_daemon_loudly(db_dsn: str, tmp_path: o
                         install_signal_handlers=False, state=state)
     assert info.group_contains(RuntimeError, match="observe is broken")
     assert not state.stop.is_set()  # it did not stop on request: it failed
+
+
+def same_snapshot(a: Snapshot, b: Snapshot) -> None:
+    """Equal field by field, the sample arrays element by element (in arrival order)."""
+    assert [t.canon_name for t in a.trials] == [t.canon_name for t in b.trials]
+    for x, y in zip(a.trials, b.trials, strict=True):
+        assert x.steps.dtype == y.steps.dtype and x.bpb.dtype == y.bpb.dtype
+        assert x.steps.tolist() == y.steps.tolist(), x.canon_name
+        assert x.bpb.tobytes() == y.bpb.tobytes(), x.canon_name
+        fields = ("variant", "seed", "desired_state", "observed_state", "parent", "rung",
+                  "last_sample_at", "corpus_sha256", "hidden_size", "format")
+        assert [getattr(x, f) for f in fields] == [getattr(y, f) for f in fields], x.canon_name
+    for f in ("race", "now", "used_seeds", "open_tripwires", "paused", "horizon",
+              "expected_corpus_sha256", "reviewed_tripwires"):
+        assert getattr(a, f) == getattr(b, f), f
+
+
+async def poll_until(check: Callable[[], Awaitable[bool]], limit: float, every: float) -> None:
+    """Until ``check`` holds (a row another process writes), failing after ``limit`` s."""
+    with anyio.fail_after(limit):
+        while True:
+            if await check():
+                return
+            await anyio.sleep(every)
+
+
+async def race_row(conn: asyncpg.Connection, name: str) -> RaceInfo:
+    info = await race_info(conn, name)
+    assert info is not None
+    return info
+
+
+async def test_the_sample_cache_gives_the_snapshot_of_a_full_read(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    names = await make_race(conn, "r-cache", 4, first_exp=950, first_seed=950)
+    other = await make_race(conn, "r-other", 2, first_exp=960, first_seed=960)
+    for i, name in enumerate([*names, *other]):
+        await add_samples(conn, name, curve(0.03 * i, 30, seed=i))
+    race = await race_row(conn, "r-cache")
+    cache = SampleCache()
+
+    async def check() -> None:
+        full = await load_snapshot(conn, race, paused=False, now=0.0)
+        cached = await load_snapshot(conn, race, paused=False, now=0.0, cache=cache)
+        same_snapshot(cached, full)
+
+    await check()  # first sight: every trial with samples is read in full
+    assert cache.full_reads == 4
+    for i, name in enumerate(names[:2]):
+        await add_samples(conn, name, [(35, 2.3 + i), (40, 2.29 + i)])
+    await add_samples(conn, other[0], [(35, 2.3)])  # another race: not this cache's business
+    await check()
+    assert cache.full_reads == 4 and cache.rows_read == 4  # only the new rows
+    # A trial added to the race, with samples it sent before its row existed.
+    late = canon.CanonName("HYBRID", "FP32", ("WSD",), 999, 999)
+    await add_samples(conn, str(late), [(5, 2.9), (10, 2.8)])
+    await trials.admit(conn, "r-cache", "acc1", [trials.Admission(late, steps=320)])
+    await check()
+    assert cache.full_reads == 5
+    # A row committed behind the watermark: its id is below rows already cached.
+    straggler = await asyncpg.connect(db_dsn)
+    try:
+        tx = straggler.transaction()
+        await tx.start()
+        await straggler.execute(
+            "INSERT INTO bpb_samples (canon_name, seed, step, bpb) VALUES ($1, $2, 45, 2.25)",
+            names[0],
+            950,
+        )
+        await add_samples(conn, names[0], [(50, 2.24)])  # higher id, same trial, visible first
+        await add_samples(conn, names[1], [(45, 2.31)])
+        await check()
+        await tx.commit()
+    finally:
+        await straggler.close()
+    await check()  # the count gave it away: names[0] read again, 45 before 50 (arrival order)
+    assert cache.full_reads == 6
+    snap = await load_snapshot(conn, race, paused=False, now=0.0, cache=cache)
+    assert snap.trials[0].steps.tolist()[-2:] == [45, 50]
+    # A restart: an empty cache reads everything again and agrees.
+    cache = SampleCache()
+    await check()
+    assert cache.full_reads == 5
+    cache.retain({"r-other"})
+    assert cache.races == {}
+
+
+async def test_a_ticker_decides_from_its_cache_as_from_a_full_read(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    names = await make_race(conn, "r-cached-tick", 6, first_exp=970, first_seed=970)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 25, seed=i))
+    t = ticker(pool)
+    assert (await t.tick()).applied == 6  # rung 0
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 45, seed=i))
+    report = await t.tick()
+    assert report.crossings == ["r-cached-tick"] and report.stopped
+    assert t.samples.rows_read > 0  # the second snapshot read only the new rows
+    full = await load_snapshot(conn, await race_row(conn, "r-cached-tick"), paused=False, now=0.0)
+    cached = await load_snapshot(
+        conn, await race_row(conn, "r-cached-tick"), paused=False, now=0.0, cache=t.samples
+    )
+    same_snapshot(cached, full)
+
+
+async def test_a_tripwire_acknowledgement_releases_the_held_promotion_at_once(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """The daemon holds a promotion behind a below-floor tripwire; `tri tripwire ack` sends a
+    notification and the promotion is applied within a second or two, with a poll interval
+    and a rescan far longer than that."""
+    from gardener.loop.daemon import serve
+
+    names = await make_race(conn, "r-ack", 4, first_exp=980, first_seed=980)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.05 * i, 165, seed=i))
+    await add_samples(conn, names[3], [(170, 1.5)])  # below the floor: promotions wait
+    settings = Settings(account="acc1", poll_interval=60.0)
+    state = LoopState(stop=anyio.Event())
+
+    async def promoted() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM gardener_decisions WHERE race = 'r-ack' AND applied "
+                "AND action = 'promote'"
+            )
+        )
+
+    async def held() -> bool:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM gardener_decisions WHERE race = 'r-ack' AND NOT applied "
+                "AND numbers->>'held_action' = 'promote'"
+            )
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            lambda: serve(
+                settings, dsn=db_dsn, backend_factory=MemoryBackend, http=False,
+                install_signal_handlers=False, state=state,
+            )
+        )
+        await poll_until(held, 30.0, 0.05)
+        event = await conn.fetchval("SELECT id FROM tripwire_events WHERE kind = 'below_floor'")
+        await anyio.sleep(0.3)
+        assert not await promoted()  # held, and staying held
+        started = time.perf_counter()
+        assert await control.ack_tripwire(conn, event, "acc1", "pytest")
+        await poll_until(promoted, 10.0, 0.02)
+        took = time.perf_counter() - started
+        state.request_stop()
+    assert took < 2.0, took
+    assert await conn.fetchval(
+        "SELECT count(*) FROM gardener_decisions WHERE race = 'r-ack' AND applied "
+        "AND action = 'mirror'"
+    )

@@ -182,3 +182,46 @@ ORDER BY t.race, t.canon_name
 
 -- name: decisions_count_by_action
 SELECT action, applied, count(*) AS n FROM gardener_decisions GROUP BY action, applied
+
+-- name: snapshot_trials_meta
+-- One race's trials without their samples (the loop's sample cache holds those), with how
+-- many samples each has now: a count above what the cache holds plus what is new by id means
+-- a row committed behind the cache's watermark, and that trial is read again in full.
+SELECT t.canon_name, t.variant, t.seed, t.format, t.hidden_size, t.parent, t.rung,
+       t.desired_state, t.observed_state, t.corpus_sha256, t.steps AS max_steps,
+       extract(epoch FROM t.last_sample_at)::float8 AS last_sample_epoch,
+       extract(epoch FROM coalesce(t.observed_at, t.updated_at))::float8 AS fallback_epoch,
+       (SELECT count(*) FROM bpb_samples b
+        WHERE b.canon_name = t.canon_name AND b.seed = t.seed) AS n_samples
+FROM igla_race_trials t
+WHERE t.race = $1
+ORDER BY t.created_at, t.canon_name
+
+-- name: race_samples_after
+-- The samples of a race's trials with id above $2, in arrival order.
+SELECT b.id, b.canon_name, b.seed, b.step, b.bpb, extract(epoch FROM b.ts)::float8 AS ts
+FROM bpb_samples b
+JOIN igla_race_trials t ON t.canon_name = b.canon_name AND t.seed = b.seed
+WHERE t.race = $1 AND b.id > $2
+ORDER BY b.id
+
+-- name: trial_samples_full
+-- Every sample of the named trials of a race, in arrival order, with the highest id and time.
+SELECT t.canon_name, t.seed,
+       coalesce(s.steps, '{}'::int[]) AS sample_steps,
+       coalesce(s.bpbs, '{}'::float8[]) AS sample_bpbs,
+       s.max_id, extract(epoch FROM s.last_ts)::float8 AS last_ts
+FROM igla_race_trials t
+LEFT JOIN LATERAL (
+    SELECT array_agg(b.step ORDER BY b.id) AS steps, array_agg(b.bpb ORDER BY b.id) AS bpbs,
+           max(b.id) AS max_id, max(b.ts) AS last_ts
+    FROM bpb_samples b WHERE b.canon_name = t.canon_name AND b.seed = t.seed
+) s ON true
+WHERE t.race = $1 AND t.canon_name = ANY($2::text[])
+
+-- name: recent_acks
+-- Tripwires acknowledged in the last $1 seconds, with the race each one holds.
+SELECT e.id, coalesce(e.race, t.race) AS race
+FROM tripwire_events e
+LEFT JOIN igla_race_trials t ON t.canon_name = e.canon_name
+WHERE e.acknowledged_at > now() - make_interval(secs => $1)
