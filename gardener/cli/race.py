@@ -119,12 +119,16 @@ class _LiveTable:
 
         t = Table(title=f"{p.race} — {p.phase}, {p.elapsed_s:.0f} s, "
                   f"{p.finished}/{len(p.rows)} finished", caption=self.header, expand=False)
-        for col in ("trial", "step", "BPB", "samples", "state"):
-            t.add_column(col, justify="right" if col in ("step", "BPB", "samples") else "left")
+        t.add_column("trial", no_wrap=True,
+                     min_width=max((len(r["canon_name"]) for r in p.rows), default=5))
+        for col in ("step", "BPB", "samples"):
+            t.add_column(col, justify="right", no_wrap=True)
+        t.add_column("state (observed)", no_wrap=True, overflow="ellipsis")
         for r in p.rows:
             bpb = "" if r["bpb"] is None else f"{r['bpb']:.4f}"
-            t.add_row(r["canon_name"], str(r["step"] or ""), bpb, str(r["samples"]),
-                      f"{r['desired']}/{r['observed']}")
+            state = r["observed"] if r["desired"] == "running" else \
+                f"{r['observed']} → {r['desired']}"
+            t.add_row(r["canon_name"], str(r["step"] or ""), bpb, str(r["samples"]), state)
         self.live.update(t)
 
 

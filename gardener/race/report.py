@@ -171,9 +171,12 @@ async def write_report(
         lines.append("")
         lines.append(f"![{caption}]({rel})")
         lines.append("")
+    lines.extend(decisions_by_rung(decisions, rungs, config, row["kind"]))
     lines.append(f"## Decisions ({len(decisions)})")
     lines.append("")
     if decisions:
+        lines.append("Every decision in the order it was taken, with its full reason.")
+        lines.append("")
         lines.append("| time (UTC) | rung | trial | action | state | applied | reason |")
         lines.append("|---|---:|---|---|---|---|---|")
         for d in decisions:
@@ -193,3 +196,129 @@ async def write_report(
 def _write(out: Path, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return f"{v:.{digits}f}" if math.isfinite(v) else "—"
+
+
+def _interval(pair: Any, digits: int = 3) -> str:
+    if not isinstance(pair, list | tuple) or len(pair) != 2:
+        return ""
+    return f" [{_fmt(pair[0], digits)}, {_fmt(pair[1], digits)}]"
+
+
+def _switches(decision_config: dict[str, Any]) -> list[str]:
+    """What a race's ``[decision]`` table turned off, in words."""
+    out = []
+    slope = decision_config.get("diverging_slope")
+    if isinstance(slope, int | float) and slope >= 1e6:
+        out.append(f"`diverging_slope = {slope:g}`: no trial is killed as DIVERGING")
+    if decision_config.get("mirror_count") == 0:
+        out.append("`mirror_count = 0`: no leader is mirrored with new seeds")
+    others = {k: v for k, v in decision_config.items()
+              if k not in ("diverging_slope", "mirror_count")}
+    if others:
+        out.append("also " + ", ".join(f"`{k} = {v}`" for k, v in sorted(others.items())))
+    return out
+
+
+def decisions_by_rung(
+    decisions: Sequence[asyncpg.Record], rungs: Sequence[int], config: dict[str, Any],
+    kind: str = "hunt",
+) -> list[str]:
+    """Markdown: per rung, what was decided for each trial and the numbers it rested on
+    (seed state, the score and rank in its cohort, the power-law fit and its prediction)."""
+    lines = ["## What the gardener decided, rung by rung", ""]
+    switches = _switches(dict(config.get("decision") or {}))
+    if switches:
+        lines.append("This race's `[decision]` table changes the defaults: "
+                     + "; ".join(switches) + ". Seed states, fits, ranks, tripwires and the "
+                     "verdict are computed as in any race.")
+        lines.append("")
+    lines.append("A trial is decided on when it reaches a rung; its cohort is every trial that "
+                 "had reached that rung while live, so early arrivals rank among fewer trials. "
+                 "The score is the mean of the recent samples; the fit is the power law "
+                 "`BPB(t) = bpb_inf + a * t^(-p)` on the samples so far, with the 95% interval "
+                 "of bpb_inf and the 95% prediction interval of the BPB at the horizon.")
+    if kind == "smoke":
+        lines.append("")
+        lines.append("The verdict at the last rung judges each trial by the race gate (gate-2: "
+                     "BPB < 1.85 on seeds 43, 44, 45), which no smoke trial can reach; the "
+                     "smoke race itself is judged by gate-0 and the criteria above.")
+    lines.append("")
+    per_rung: dict[int, list[asyncpg.Record]] = {}
+    for d in decisions:
+        if d["rung"] >= 0:
+            per_rung.setdefault(int(d["rung"]), []).append(d)
+    if not per_rung:
+        lines.extend(["No trial reached a rung.", ""])
+    skipped = [f"{i} (step {r})" for i, r in enumerate(rungs) if i not in per_rung
+               and per_rung and i < max(per_rung)]
+    if skipped:
+        lines.extend([f"No decision was recorded at rung {', '.join(skipped)}: the trials were "
+                      "past it when the loop first looked at them, and a trial is decided on "
+                      "at the highest rung it has reached.", ""])
+    for rung in sorted(per_rung):
+        rows = per_rung[rung]
+        step = rungs[rung] if rung < len(rungs) else None
+        rules = sorted({str((d["numbers"] or {}).get("rule") or "") for d in rows} - {""})
+        lines.append(f"### Rung {rung}" + (f" — step {step}" if step is not None else "")
+                     + (f" ({', '.join(rules)})" if rules else ""))
+        lines.append("")
+        actions: dict[str, int] = {}
+        states: dict[str, int] = {}
+        for d in rows:
+            key = d["action"] if d["applied"] else f"{d['action']} (held)"
+            actions[key] = actions.get(key, 0) + 1
+            if d["seed_state"]:
+                states[d["seed_state"]] = states.get(d["seed_state"], 0) + 1
+        lines.append(f"- {len(rows)} decisions: "
+                     + ", ".join(f"{n} {a}" for a, n in sorted(actions.items())))
+        if states:
+            lines.append("- seed states: "
+                         + ", ".join(f"{s} {n}" for s, n in sorted(states.items())))
+        leaders = {(d["numbers"] or {}).get("leader") for d in rows} - {None}
+        if len(leaders) == 1:
+            lines.append(f"- leader: `{leaders.pop()}`")
+        lines.append("")
+        lines.append("| trial | action | state | score | rank | bpb_inf [95% CI] | "
+                     "predicted at horizon [95% PI] | p | final BPB | why |")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+
+        def order(d: asyncpg.Record) -> tuple[float, str]:
+            score = (d["numbers"] or {}).get("score")
+            return (float(score) if isinstance(score, int | float) else math.inf, d["canon_name"])
+
+        for d in sorted(rows, key=order):
+            n = d["numbers"] or {}
+            raw_fit = n.get("fit")
+            fit: dict[str, Any] = raw_fit if isinstance(raw_fit, dict) else {}
+            action = d["action"] if d["applied"] else f"{d['action']} (held: {d['held_reason']})"
+            rank = f"{n['rank']}/{n['cohort']}" if "rank" in n and "cohort" in n else "—"
+            fit_ok = bool(fit.get("ok"))
+            no_fit = f"no fit: {fit['reason']}" if fit.get("reason") else "no fit"
+            bpb_inf = (_fmt(fit.get("bpb_inf")) + _interval(fit.get("bpb_inf_ci"))
+                       if fit_ok else no_fit)
+            predicted = (_fmt(fit.get("predicted")) + _interval(fit.get("pi"))) if fit_ok else "—"
+            reason = str(d["reason"])
+            why = reason.split(": ", 1)[1] if reason.startswith(f"{d['action']}: ") else reason
+            lines.append(
+                f"| `{d['canon_name']}` | {_cell(action)} | {d['seed_state'] or ''} | "
+                f"{_fmt(n.get('score'))} | {rank} | {_cell(bpb_inf)} | {predicted} | "
+                f"{_fmt(fit.get('p'), 2) if fit_ok else '—'} | {_fmt(n.get('final_bpb'))} | "
+                f"{_cell(why)} |")
+        lines.append("")
+    race_level = [d for d in decisions if d["rung"] < 0]
+    if race_level:
+        lines.append("### The race")
+        lines.append("")
+        for d in race_level:
+            lines.append(f"- {d['decided_at']:%H:%M:%S} **{d['action']}** "
+                         f"({d['decided_by'] or 'gardener'}): {_cell(d['reason'])}")
+        lines.append("")
+    return lines

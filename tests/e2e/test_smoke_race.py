@@ -20,7 +20,9 @@ import asyncpg
 import pytest
 
 from gardener.backends import local
+from gardener.ledger import trials
 from gardener.race import criteria as crit
+from gardener.race import smoke
 
 CLI = [sys.executable, "-c", "from gardener.cli import main; main()"]
 
@@ -47,6 +49,9 @@ async def test_reduced_smoke_race_twice_in_a_row(db_dsn: str, tmp_path: Path) ->
         seeds.append(out["seeds"])
         text = report.read_text()
         assert "14/14 GREEN" in text and crit.SMOKE_DONE in text
+        # What was decided at each rung, and why nothing was killed or mirrored.
+        assert "### Rung 1 — step 60 (verdict)" in text and "- 4 decisions: 4 verdict" in text
+        assert "no trial is killed as DIVERGING" in text and "no leader is mirrored" in text
         assert (report.parent / "img" / "smoke_curves.png").stat().st_size > 10_000
         assert (report.parent / "img" / "smoke_fits.png").stat().st_size > 10_000
         assert '"event": "smoke_finished"' in res.stderr  # JSON logs off a terminal
@@ -92,11 +97,12 @@ async def test_sigint_tears_the_race_down(db_dsn: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GARDENER_", "DATABASE_"))}
     env |= {"DATABASE_URL": db_dsn, "GARDENER_DATA_DIR": str(data), "GARDENER_LOG_FORMAT": "json"}
     args = ["smoke-race", "--tags", "WSD,h768", "--seeds-per-tag", "2", "--max-steps", "5000",
-            "--wallclock", "90s", "--report", str(tmp_path / "SMOKE.md")]
+            "--wallclock", "90s"]
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with out_path.open("wb") as out_f, err_path.open("wb") as err_f:
+        # Run outside a checkout: the default report goes to the data directory.
         proc = await asyncio.create_subprocess_exec(*CLI, *args, stdout=out_f, stderr=err_f,
-                                                    env=env)
+                                                    env=env, cwd=tmp_path)
     conn = await asyncpg.connect(db_dsn)
     try:
         samples = 0
@@ -117,7 +123,10 @@ async def test_sigint_tears_the_race_down(db_dsn: str, tmp_path: Path) -> None:
         last = err.strip().splitlines()[-1]
         assert last.startswith("interrupted (SIGINT) during running: 4 trainer(s) stopped")
         assert "marked torn_down in the ledger" in last
-        assert not (tmp_path / "SMOKE.md").exists()
+        first = err.splitlines()[0]
+        report = data.resolve() / "reports" / "SMOKE_GATE_0_REPORT.md"
+        assert first.startswith("ledger: PostgreSQL at 127.0.0.1") and f"report: {report}" in first
+        assert not report.exists() and not (tmp_path / "docs").exists()  # cut before the report
         # Nothing of the race is left: no process in any trainer's group, none naming a trial.
         assert [r["pgid"] for r in records if local._group_alive(r["pgid"])] == []
         names = [r["canon_name"] for r in records]
@@ -136,3 +145,22 @@ async def test_sigint_tears_the_race_down(db_dsn: str, tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
         await conn.close()
+
+
+async def test_report_falls_back_when_its_path_cannot_be_written(
+    conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A report path that cannot be written sends the report to the fallback directory; with
+    no writable place at all the run still ends, with a note saying how to get the report."""
+    await trials.ensure_race(conn, "r-fallback", "acc1", kind="smoke", horizon=60)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    written, note = await smoke._write_report(conn, "r-fallback", blocked / "R.md",
+                                              tmp_path / "fallback")
+    assert written == tmp_path / "fallback" / "R.md" and written.is_file()
+    assert note is not None and note.startswith(f"{blocked / 'R.md'} could not be written")
+    assert "# Gate-0 smoke race report: `r-fallback`" in written.read_text()
+    written, note = await smoke._write_report(conn, "r-fallback", blocked / "R.md",
+                                              blocked / "fb")
+    assert written is None and note is not None
+    assert "gardener report --race r-fallback --out PATH" in note
