@@ -145,6 +145,10 @@ class _TrialSamples:
 class _RaceSamples:
     mark: int = 0  # the highest sample id merged into the cache
     trials: dict[tuple[str, int], _TrialSamples] = field(default_factory=dict)
+    # The last view of each trial with the row it came from: reused while both are unchanged.
+    views: dict[tuple[str, int], tuple[tuple[Any, ...], _TrialSamples, TrialView]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass
@@ -237,14 +241,22 @@ async def _cached_trials(
             if f["max_id"] is not None:
                 mark = max(mark, int(f["max_id"]))
         cache.full_reads += len(again)
-    cache.races[race] = _RaceSamples(mark, now_held)
     views = []
+    now_views: dict[tuple[str, int], tuple[tuple[Any, ...], _TrialSamples, TrialView]] = {}
     for r, key in zip(rows, keys, strict=True):
         s = now_held[key]
-        silent = r["last_sample_epoch"]
-        if silent is None:
-            silent = s.last_ts if s.last_ts is not None else r["fallback_epoch"]
-        views.append(_trial_view(r, s.steps, s.bpb, silent))
+        sig = tuple(r.values())
+        last = held.views.get(key)
+        if last is not None and last[1] is s and last[0] == sig:
+            view = last[2]
+        else:
+            silent = r["last_sample_epoch"]
+            if silent is None:
+                silent = s.last_ts if s.last_ts is not None else r["fallback_epoch"]
+            view = _trial_view(r, s.steps, s.bpb, silent)
+        now_views[key] = (sig, s, view)
+        views.append(view)
+    cache.races[race] = _RaceSamples(mark, now_held, now_views)
     return list(rows), views
 
 
