@@ -119,16 +119,21 @@ class _LiveTable:
 
         t = Table(title=f"{p.race} — {p.phase}, {p.elapsed_s:.0f} s, "
                   f"{p.finished}/{len(p.rows)} finished", caption=self.header, expand=False)
-        t.add_column("trial", no_wrap=True,
-                     min_width=max((len(r["canon_name"]) for r in p.rows), default=5))
-        for col in ("step", "BPB", "samples"):
-            t.add_column(col, justify="right", no_wrap=True)
-        t.add_column("state (observed)", no_wrap=True, overflow="ellipsis")
+        name_w = max((len(r["canon_name"]) for r in p.rows), default=5)
+        wide = self.console.width >= name_w + 50  # room for the samples column too
+        t.add_column("trial", no_wrap=True, min_width=name_w)
+        t.add_column("step", justify="right", no_wrap=True, min_width=4)
+        t.add_column("BPB", justify="right", no_wrap=True, min_width=6)
+        if wide:
+            t.add_column("samples", justify="right", no_wrap=True)
+        t.add_column("state", no_wrap=True, min_width=7, overflow="ellipsis")
         for r in p.rows:
             bpb = "" if r["bpb"] is None else f"{r['bpb']:.4f}"
             state = r["observed"] if r["desired"] == "running" else \
                 f"{r['observed']} → {r['desired']}"
-            t.add_row(r["canon_name"], str(r["step"] or ""), bpb, str(r["samples"]), state)
+            cells = [r["canon_name"], str(r["step"] or ""), bpb]
+            cells += [str(r["samples"])] if wide else []
+            t.add_row(*cells, state)
         self.live.update(t)
 
 
@@ -235,9 +240,11 @@ def smoke_race_cmd(
             say(f"interrupted ({i.signal}) before the race was admitted: nothing runs{db_note}")
         else:
             left = (f"; STILL RUNNING: {', '.join(i.left_running)}" if i.left_running else "")
-            say(f"interrupted ({i.signal}) during {i.phase}: {len(i.stopped)} trainer(s) "
-                f"stopped{left}; race {result.race} marked {i.status} in the ledger "
-                f"({where[0]}){db_note}")
+            ended = len(result.planned) - len(i.stopped) - len(i.left_running)
+            say(f"interrupted ({i.signal}) during {i.phase}: {len(i.stopped)} running "
+                f"trainer(s) stopped" + (f" ({ended} had finished)" if ended else "")
+                + f"{left or ', none left running'}; race {result.race} marked {i.status} "
+                f"in the ledger ({where[0]}){db_note}")
         raise typer.Exit(i.exit_code)
 
     def human() -> None:

@@ -225,10 +225,14 @@ async def plan(conn: asyncpg.Connection, cfg: SmokeConfig) -> list[PlannedTrial]
             Q.used_seeds_in_block, base.variant, ts.seed_base, ts.seed_base + block - 1)}
         free = [s for s in range(ts.seed_base, ts.seed_base + block) if s not in used]
         if len(free) < cfg.seeds_per_tag:
+            hint = (f"--seeds-per-tag {len(free)} takes what is left" if free else
+                    "a new ledger (another GARDENER_DATA_DIR or DATABASE_URL) starts every "
+                    "block afresh")
             raise SeedsExhausted(
                 f"tag {tag}: seed block {ts.seed_base}..{ts.seed_base + block - 1} of "
                 f"{base.variant} has {len(free)} unused seed(s), the run needs "
-                f"{cfg.seeds_per_tag} (NEVER REUSE; used: {sorted(used)})"
+                f"{cfg.seeds_per_tag} (NEVER REUSE; used: {sorted(used)}); seeds are never "
+                f"reused in one ledger: {hint}"
             )
         for seed in free[: cfg.seeds_per_tag]:
             c = base.with_seed(seed)

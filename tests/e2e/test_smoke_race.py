@@ -87,6 +87,7 @@ async def test_reduced_smoke_race_twice_in_a_row(db_dsn: str, tmp_path: Path) ->
     spent = run([*args[:3], "--seeds-per-tag", "7", *args[5:]], db_dsn, tmp_path / "data")
     assert spent.returncode == 2
     assert "SeedsExhausted" in spent.stderr and "has 6 unused seed(s)" in spent.stderr
+    assert "--seeds-per-tag 6 takes what is left" in spent.stderr
 
 
 @pytest.mark.slow
@@ -121,7 +122,8 @@ async def test_sigint_tears_the_race_down(db_dsn: str, tmp_path: Path) -> None:
         out, err = out_path.read_text(), err_path.read_text()
         assert proc.returncode == 130, out[-2000:] + err[-3000:]
         last = err.strip().splitlines()[-1]
-        assert last.startswith("interrupted (SIGINT) during running: 4 trainer(s) stopped")
+        assert last.startswith(
+            "interrupted (SIGINT) during running: 4 running trainer(s) stopped, none left running")
         assert "marked torn_down in the ledger" in last
         first = err.splitlines()[0]
         report = data.resolve() / "reports" / "SMOKE_GATE_0_REPORT.md"
