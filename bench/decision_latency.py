@@ -226,6 +226,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         bg = asyncio.create_task(background(dsn, bg_live, args.background, stop))
         await asyncio.sleep(1.0)
         writer = await asyncpg.connect(dsn)
+        load_start = os.getloadavg()[0]
         cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
         lat: list[float] = []
         rng = random.Random(11)
@@ -269,6 +270,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "meets_target": bool(np.percentile(a, 99) <= 250),
             "populate_s": round(populate_s, 1),
             "cpus": os.cpu_count(),
+            "load_avg_1m_start": round(load_start, 2),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "daemon_log": str(tmp / "daemon.log"),
         }

@@ -36,7 +36,11 @@ async def set_paused(conn: asyncpg.Connection, paused: bool, reason: str, by: st
 
 
 async def ack_tripwire(conn: asyncpg.Connection, event_id: int, account: str, by: str) -> bool:
-    """Acknowledge a tripwire of the account's own trials; returns False if already acknowledged."""
+    """Acknowledge a tripwire of the account's own trials; returns False if already acknowledged.
+
+    A trigger (``0004_ack_notify.sql``) announces the acknowledgement on ``gardener_control``
+    at commit, so a running daemon releases what the tripwire held at once.
+    """
     async with conn.transaction():
         row = await conn.fetchrow(Q.tripwire_for_update, event_id)
         if row is None:
