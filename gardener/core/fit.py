@@ -15,7 +15,11 @@ Why this shape:
      the log-distance of extrapolation. ``kappa`` comes from a rolling-origin check inside the
      observed prefix: fit the first half (5/8, 3/4, 7/8) of the points, measure how fast the
      later points drift from that fit, and estimate the drift variance beyond what noise and
-     parameter uncertainty explain (DerSimonian-Laird moment estimator).
+     parameter uncertainty explain (DerSimonian-Laird moment estimator). The same check
+     gives the signed mean drift ``mu``: the interval is the union of the one around the power
+     law and the one around the power law moved by ``mu * log(t / t_last)``, so it widens on
+     the side the held-out points left on (one-sided misses came from curves that fall faster
+     than a decelerating power law allows).
 - The confidence interval (``ci``) is for the mean curve; the prediction interval (``pi``)
   also holds the observation noise and is the one to use for "where will this run's observed
   value land".
@@ -100,6 +104,7 @@ class PowerLawFit:
     rho: float = float("nan")  # lag-1 autocorrelation of the residuals (clipped to [0, 0.9])
     kappa: float = 0.0  # model discrepancy per unit of log-extrapolation distance
     n_holdout: int = 0  # held-out errors behind kappa (0: no discrepancy estimate)
+    drift: float = 0.0  # signed mean drift per unit of log-extrapolation distance (held out)
     dropped: int = 0  # points at step 0 that were left out
     p_at_bound: bool = False
 
@@ -118,6 +123,7 @@ class PowerLawFit:
             np.array(self.cov, dtype=np.float64).reshape(1, 3, 3),
             np.array([self.sigma]),
             np.array([self.kappa]),
+            np.array([self.drift]),
             np.array([self.df]),
             np.array([step]),
             lvl,
@@ -166,6 +172,7 @@ class BatchFit:
     dropped: IntArray
     p_at_bound: BoolArray
     level: float = 0.95
+    drift: FloatArray | None = None  # signed held-out drift rate; None means zeros
 
     def __len__(self) -> int:
         return int(self.ok.shape[0])
@@ -176,12 +183,15 @@ class BatchFit:
         t = np.broadcast_to(np.asarray(step, dtype=np.float64), self.ok.shape).copy()
         mean, ci_lo, ci_hi, pi_lo, pi_hi = _predict_arrays(
             self.bpb_inf, self.b, self.p, self.t_ref, self.last_step, self.cov,
-            self.sigma, self.kappa, self.df, t, lvl,
+            self.sigma, self.kappa, self._drift(), self.df, t, lvl,
         )
         bad = ~self.ok | ~np.isfinite(t) | (t <= 0) | (not 0 < lvl < 1)
         for arr in (mean, ci_lo, ci_hi, pi_lo, pi_hi):
             arr[bad] = np.nan
         return BatchPrediction(t, mean, ci_lo, ci_hi, pi_lo, pi_hi)
+
+    def _drift(self) -> FloatArray:
+        return np.zeros_like(self.kappa) if self.drift is None else self.drift
 
     def fit(self, i: int) -> PowerLawFit:
         """Row ``i`` as a ``PowerLawFit``."""
@@ -206,6 +216,7 @@ class BatchFit:
             rho=float(self.rho[i]),
             kappa=float(self.kappa[i]),
             n_holdout=int(self.n_holdout[i]),
+            drift=float(self._drift()[i]),
             dropped=int(self.dropped[i]),
             p_at_bound=bool(self.p_at_bound[i]),
         )
@@ -368,9 +379,10 @@ def _fit_batch_impl(
     # Rolling-origin discrepancy check inside the observed prefix.
     if calibrate:
         heads = (ks_head, c_all[:, 1:], b_all[:, 1:], p_all[:, 1:])
-        kappa2, n_hold = _discrepancy(t, log_s, z, m, heads, ok)
+        kappa2, n_hold, drift_z = _discrepancy(t, log_s, z, m, heads, ok)
     else:
         kappa2, n_hold = np.zeros(n_rows), np.zeros(n_rows, dtype=np.int64)
+        drift_z = np.zeros(n_rows)
 
     # Back to the original units.
     scale = np.where(ok, y_scale, np.nan)
@@ -378,6 +390,7 @@ def _fit_batch_impl(
     b_out = scale * b
     sigma = scale * st.sigma
     kappa = scale * np.sqrt(kappa2)
+    drift = scale * drift_z
     d = np.stack([scale, scale, np.ones_like(scale)], axis=1)
     cov = st.cov * d[:, :, None] * d[:, None, :]
     a = b_out * np.power(t_ref, p)
@@ -386,7 +399,7 @@ def _fit_batch_impl(
     half = q * np.sqrt(cov[:, 0, 0])
     last_step = t_ref
 
-    numbers = np.stack([bpb_inf, b_out, p, sigma, kappa, half, a], axis=1)
+    numbers = np.stack([bpb_inf, b_out, p, sigma, kappa, drift, half, a], axis=1)
     finite = np.isfinite(numbers).all(axis=1) & np.isfinite(cov.reshape(n_rows, 9)).all(axis=1)
     for i in np.flatnonzero(ok & ~finite).tolist():
         reason[i] = "non-finite result: the curve is too extreme to fit in floating point"
@@ -414,6 +427,7 @@ def _fit_batch_impl(
         dropped=dropped,
         p_at_bound=ok & ((p <= P_MIN * (1 + 1e-9)) | (p >= P_MAX * (1 - 1e-9))),
         level=level,
+        drift=drift * nanv,
     )
 
 
@@ -694,7 +708,7 @@ def _holdout_origins(n: IntArray) -> IntArray:
 def _discrepancy(
     t: FloatArray, log_s: FloatArray, z: FloatArray, m: BoolArray,
     heads: tuple[IntArray, FloatArray, FloatArray, FloatArray], ok: BoolArray,
-) -> tuple[FloatArray, IntArray]:
+) -> tuple[FloatArray, IntArray, FloatArray]:
     """Estimate kappa**2 from rolling origins inside the observed prefix.
 
     The discrepancy model: beyond the last fitted point the true curve drifts away from the
@@ -707,18 +721,24 @@ def _discrepancy(
     estimate with a known zero mean and weights ``1 / V_k``:
     ``kappa**2 = max(0, (sum s_k**2 / V_k - K) / sum 1 / V_k)``, so informative origins
     count more. Curves too short to hold out anything get kappa = 0 and ``n_holdout = 0``.
+
+    Also returned: the signed drift ``mu = sum w_k s_k / sum w_k``. A zero-mean ``kappa`` says
+    how far the curve may leave the power law, not on which side; curves that fall faster
+    than any decelerating power law (``p`` at its lower bound, a learning-rate decay) leave
+    it on one side every time, and ``mu`` carries that side into the interval.
     """
     n_rows, width = z.shape
     ks, c_all, b_all, p_all = heads
     valid = ok[:, None] & (ks > 0)
-    q_stat = np.zeros(n_rows)
-    w_sum = np.zeros(n_rows)
-    origins = np.zeros(n_rows)
     count = np.zeros(n_rows, dtype=np.int64)
+    n_orig = ks.shape[1]
+    slopes = np.zeros((n_rows, n_orig))
+    within = np.ones((n_rows, n_orig))
+    used = np.zeros((n_rows, n_orig), dtype=bool)
     if not valid.any():
-        return q_stat, count
+        return np.zeros(n_rows), count, np.zeros(n_rows)
     col = np.arange(width)[None, :]
-    for j in range(ks.shape[1]):
+    for j in range(n_orig):
         rows = valid[:, j]
         if not rows.any():
             continue
@@ -741,22 +761,33 @@ def _discrepancy(
         var_noise = st.sigma**2 * st.inflation * np.sum(w * w, axis=1)
         v = var_param + var_noise
         has = has & np.isfinite(slope) & np.isfinite(v) & (v > 0)
-        wk = np.where(has, 1.0 / np.where(has, v, 1.0), 0.0)
-        q_stat += wk * np.where(has, slope, 0.0) ** 2
-        w_sum += wk
-        origins += has
+        slopes[:, j] = np.where(has, slope, 0.0)
+        within[:, j] = np.where(has, v, 1.0)
+        used[:, j] = has
         count += np.where(has, tail.sum(axis=1), 0)
+    wk = np.where(used, 1.0 / within, 0.0)
+    origins = used.sum(axis=1)
+    w_sum = wk.sum(axis=1)
+    q_stat = np.sum(wk * slopes**2, axis=1)
+    safe = np.where(w_sum > 0, w_sum, np.inf)
     # DerSimonian-Laird with a known zero mean: E[sum w s^2] = K + kappa^2 * sum w.
-    kappa2 = np.maximum(q_stat - origins, 0.0) / np.where(w_sum > 0, w_sum, np.inf)
-    return kappa2, count
+    kappa2 = np.maximum(q_stat - origins, 0.0) / safe
+    # The signed, inverse-variance weighted mean drift rate: the side the curve leaves on.
+    drift = np.sum(wk * slopes, axis=1) / safe
+    return kappa2, count, drift
 
 
 def _predict_arrays(
     c: FloatArray, b: FloatArray, p: FloatArray, t_ref: FloatArray, last: FloatArray,
-    cov: FloatArray, sigma: FloatArray, kappa: FloatArray, df: FloatArray, t: FloatArray,
-    level: float,
+    cov: FloatArray, sigma: FloatArray, kappa: FloatArray, drift: FloatArray, df: FloatArray,
+    t: FloatArray, level: float,
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Mean, CI and PI at ``t``: delta method + extrapolation discrepancy, Student-t quantile."""
+    """Mean, CI and PI at ``t``: delta method + extrapolation discrepancy, Student-t quantile.
+
+    The intervals are the union of the symmetric one around the power law and the same one
+    moved by the held-out drift ``drift * log(t / t_last)``: the mean stays the power law's,
+    the interval widens only on the side the curve was seen to leave on.
+    """
     with np.errstate(all="ignore"):
         log_s = np.log(t / t_ref)
         x = np.exp(-p * log_s)
@@ -767,4 +798,6 @@ def _predict_arrays(
         q = stats.t.ppf(0.5 + level / 2, df) if 0 < level < 1 else np.full_like(df, np.nan)
         ci = q * np.sqrt(np.maximum(var_mean, 0.0) + var_disc)
         pi = q * np.sqrt(np.maximum(var_mean, 0.0) + var_disc + sigma**2)
-    return mean, mean - ci, mean + ci, mean - pi, mean + pi
+        down = np.maximum(-drift, 0.0) * dist
+        up = np.maximum(drift, 0.0) * dist
+    return mean, mean - ci - down, mean + ci + up, mean - pi - down, mean + pi + up

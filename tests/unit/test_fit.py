@@ -161,6 +161,59 @@ def test_discrepancy_term_widens_intervals_for_a_misspecified_curve() -> None:
     assert fit.predict(12_000).ci.high - fit.predict(12_000).ci.low < wide.high - wide.low
 
 
+def test_interval_widens_on_the_side_the_curve_leaves() -> None:
+    # Falling linearly in t, i.e. faster than any decelerating power law: p sits at its lower
+    # bound, every held-out tail lands below its head's fit, and only the low side widens.
+    rng = np.random.default_rng(31)
+    steps = np.linspace(250, 10_000, 40)
+    y = 3.8 - 8e-5 * steps + 0.01 * rng.standard_normal(steps.size)
+    fit = fit_power_law(steps, y)
+    assert fit.ok, fit.reason
+    assert fit.p_at_bound and fit.drift < 0
+    pred = fit.predict(14_000)
+    assert pred.mean - pred.pi.low > pred.pi.high - pred.mean
+    assert pred.mean - pred.ci.low > pred.ci.high - pred.mean
+    truth = 3.8 - 8e-5 * 14_000
+    assert truth < pred.mean and pred.pi.contains(truth)
+    # Inside the observed range nothing is extrapolated, so nothing is moved.
+    inside = fit.predict(10_000)
+    assert inside.pi.high - inside.mean == pytest.approx(inside.mean - inside.pi.low)
+
+
+def _cosine_decay_curves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Power law minus a cosine learning-rate decay effect, AR(1) noise; 40 points to 4000."""
+    rng = np.random.default_rng(seed)
+    steps = np.linspace(100, 4000, 40)
+    inf, a, p = rng.uniform(2, 3, n), rng.uniform(3, 30, n), rng.uniform(0.2, 0.8, n)
+    depth, noise = rng.uniform(0.05, 0.3, n), rng.uniform(0.005, 0.04, n)
+    eps = rng.standard_normal((n, steps.size))
+    for j in range(1, steps.size):
+        eps[:, j] = 0.3 * eps[:, j - 1] + np.sqrt(1 - 0.09) * eps[:, j]
+    shape = (1 - np.cos(np.pi * steps / steps[-1])) / 2
+    values = (inf[:, None] + a[:, None] * steps[None] ** -p[:, None]
+              - depth[:, None] * shape[None] + noise[:, None] * eps)
+    return steps, values
+
+
+def test_late_decay_final_value_is_covered_from_half_the_horizon() -> None:
+    # The schedule bends the curve down in a way no power law follows; from half the horizon
+    # on, the held-out drift has seen enough of the bend for the 95% PI to hold the final value.
+    steps, values = _cosine_decay_curves(400, seed=41)
+    final = values[:, -1]
+    for frac, floor in ((0.5, 0.85), (0.7, 0.93)):
+        k = int(np.sum(steps <= frac * steps[-1]))
+        cal = fit_many(steps[:k], values[:, :k])
+        plain = fit_many(steps[:k], values[:, :k], calibrate=False)
+        hit = {}
+        for name, fit in (("cal", cal), ("plain", plain)):
+            pr = fit.predict(steps[-1])
+            hit[name] = float(((pr.pi_low <= final) & (final <= pr.pi_high))[fit.ok].mean())
+        assert cal.ok.sum() >= 390
+        assert floor <= hit["cal"] <= 0.995, (frac, hit)
+        assert hit["plain"] < hit["cal"] - 0.04, (frac, hit)
+        assert np.mean(cal.drift[cal.ok] < 0) > 0.8  # the held-out tails fall below their fits
+
+
 # -- no-fit reasons ------------------------------------------------------------------------------
 
 
@@ -341,7 +394,7 @@ def test_batch_predicts_one_step_per_curve() -> None:
 def test_plain_mode_has_no_corrections() -> None:
     rng = np.random.default_rng(25)
     fit = fit_power_law(STEPS, noisy_curve(rng, noise=0.02), calibrate=False)
-    assert fit.ok and fit.rho == 0.0 and fit.kappa == 0.0
+    assert fit.ok and fit.rho == 0.0 and fit.kappa == 0.0 and fit.drift == 0.0
     assert fit.df == STEPS.size - 3
 
 
