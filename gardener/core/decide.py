@@ -267,7 +267,7 @@ class _Race:
         """How sure we are that c ends worse than ref. The difference c - ref over their
         common recent steps at rung r has a standard error (jitter) and may still drift
         until the horizon: variance ``2 * drift * log(horizon / rung step)`` (both trials
-        drift). The lower bound at ``level`` of that predicted final difference is ``low``."""
+        drift). The lower bound at ``prune_level`` of that predicted final difference is ``low``."""
         boundary = self.cfg.rungs[r]
         s1, v1 = prefix_at(c.steps, c.bpb, boundary)
         s2, v2 = prefix_at(ref.steps, ref.bpb, boundary)
@@ -291,7 +291,7 @@ class _Race:
         sd = math.sqrt(se**2 + 2.0 * drift * remaining)
         # A normal quantile, per comparison: a Student-t on the few recent points, or a
         # family-wise level, kept nearly every trial on real curves (docs/backtest.md).
-        z = float(stats.norm.ppf(self.cfg.level))
+        z = float(stats.norm.ppf(self.cfg.prune_level))
         return {
             "points": m,
             "mean": mean,
@@ -420,7 +420,7 @@ def _rung_decisions(race: _Race, r: int, pending: list[_Curve], out: list[Decisi
                     f"rung {r} ({rule.value}): rank {rank[c.name] + 1}/{n}, outside the top "
                     f"{keep_n}; {sc.basis} {sc.value:.4f}; worse than {best.name} by "
                     f"{pr['mean']:+.4f} BPB now, and at the horizon by more than {low:+.4f} "
-                    f"with {cfg.level:.0%} confidence (tie band {cfg.tied_band}); "
+                    f"with {cfg.prune_level:.0%} confidence (tie band {cfg.tied_band}); "
                     f"state {st.state.value}"
                 )
             else:
