@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -243,3 +244,33 @@ def test_rules_fit_any_ladder() -> None:
     assert rules_for(3) == (RungRule.COLLECT, RungRule.HALVE, RungRule.VERDICT)
     assert rules_for(8)[:3] == (RungRule.COLLECT, RungRule.HALVE, RungRule.HALVE)
     assert len(rules_for(8)) == 8
+
+
+@PROPS
+@given(snapshots())
+def test_the_gardener_prunes_on_its_bound_at_prune_level_and_more_at_a_lower_level(
+        snap: Snapshot) -> None:
+    from scipy import stats
+
+    def rung_prunes(level: float) -> set[str]:
+        ds = decide(snap, replace(cfg(), prune_level=level))
+        out = set()
+        for d in ds:
+            pr = d.numbers.get("paired")
+            if d.action is Action.PRUNE and d.numbers.get("cause") == "rung":
+                z = float(stats.norm.ppf(level))
+                assert pr["low"] > cfg().tied_band
+                assert abs(pr["low"] - (pr["mean"] - z * pr["sd_final"])) < 1e-9
+                out.add(d.canon_name)
+        return out
+
+    strict, loose = rung_prunes(0.95), rung_prunes(0.80)
+    # A lower level only raises every bound, so at least as many pass (the quota caps both,
+    # worst first).
+    assert len(loose) >= len(strict)
+
+
+def test_prune_level_is_checked() -> None:
+    with pytest.raises(ValueError, match="prune_level"):
+        DecisionConfig(prune_level=1.0)
+    assert DecisionConfig().prune_level == 0.90 and DecisionConfig().level == 0.95
