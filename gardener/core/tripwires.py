@@ -136,9 +136,9 @@ def check_trial(
         out.append(
             TripwireEvent(STEP_CONFLICT, name, {"kept_first": [list(b) for b in c.conflicts[:10]]})
         )
-    if len(c.bpb):
-        low_i = int(np.argmin(c.bpb))
-        low, low_step = float(c.bpb[low_i]), int(c.steps[low_i])
+    low = float(c.bpb.min()) if len(c.bpb) else math.inf
+    if low < config.leak_bpb or low < config.architectural_floor_bpb:
+        low_step = int(c.steps[int(np.argmin(c.bpb))])  # the first step at the lowest value
         if low < config.leak_bpb:
             out.append(
                 TripwireEvent(
