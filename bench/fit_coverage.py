@@ -257,7 +257,7 @@ def plot_bands(curves: list[Curve], path: Path, frac: float = 0.5) -> None:
         ax.axvline(cv.steps[keep][-1], color="grey", ls=":", lw=1)
         ax.set_title(f"{cv.run}\n{'fit: ' + (fit.reason or '') if not fit.ok else ''}"
                      f"p={fit.p:.2f} sigma={fit.sigma:.3f} rho={fit.rho:.2f} "
-                     f"kappa={fit.kappa:.3f}", fontsize=8)
+                     f"kappa={fit.kappa:.3f} drift={fit.drift:+.3f}", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("validation BPB")
     axes.ravel()[0].legend(fontsize=7)
