@@ -13,7 +13,7 @@ import asyncpg
 import typer
 
 from gardener import logs
-from gardener.backends.base import Backend, ServiceState
+from gardener.backends.base import Backend, BackendError, ServiceState
 from gardener.cli.common import AccountOpt, JsonOpt, emit, settings, with_db
 from gardener.errors import UserError
 from gardener.ledger import db
@@ -65,7 +65,7 @@ def _stopper(backend: Backend, account: str) -> smoke.StopFn:
             try:
                 if await backend.stop(name, account=account):
                     stopped.append(name)
-            except (OSError, UserError) as exc:
+            except (OSError, UserError, BackendError) as exc:
                 smoke.log().warning("smoke_stop_failed", canon_name=name, error=str(exc))
 
         async with anyio.create_task_group() as tg:
