@@ -129,8 +129,8 @@ class _LiveTable:
         t.add_column("state", no_wrap=True, min_width=7, overflow="ellipsis")
         for r in p.rows:
             bpb = "" if r["bpb"] is None else f"{r['bpb']:.4f}"
-            state = r["observed"] if r["desired"] == "running" else \
-                f"{r['observed']} → {r['desired']}"
+            stopping = r["desired"] != "running" and r["observed"] in crit.RUNNING_OBSERVED
+            state = f"{r['observed']}, stopping" if stopping else str(r["observed"])
             cells = [r["canon_name"], str(r["step"] or ""), bpb]
             cells += [str(r["samples"])] if wide else []
             t.add_row(*cells, state)
