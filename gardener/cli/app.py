@@ -49,3 +49,6 @@ def main() -> None:
     except UserError as exc:
         typer.secho(f"error: {type(exc).__name__}: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
