@@ -166,7 +166,8 @@ def prune_cmd(
         out: list[dict[str, Any]] = []
         for info in await _races(conn, who, race):
             snap = await load_snapshot(
-                conn, info, paused=False, expected_corpus_sha256=s.corpus_sha256
+                conn, info, paused=False, expected_corpus_sha256=s.corpus_sha256,
+                expected_corpus=s.corpus,
             )
             prunes = [
                 d

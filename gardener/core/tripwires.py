@@ -179,6 +179,15 @@ def check_trial(
                     CORPUS_MISMATCH, name, {"expected": expected, "reported": trial.corpus_sha256}
                 )
             )
+    elif snapshot.expected_corpus is not None and trial.corpus is not None:
+        if trial.corpus != snapshot.expected_corpus:
+            out.append(
+                TripwireEvent(
+                    CORPUS_MISMATCH,
+                    name,
+                    {"expected_name": snapshot.expected_corpus, "reported_name": trial.corpus},
+                )
+            )
     if trial.format == "GF16" and (
         trial.hidden_size is None or trial.hidden_size < config.gf16_min_hidden
     ):

@@ -59,6 +59,7 @@ class TrialView:
     rung: int = -1  # the highest rung already decided for this trial
     last_sample_at: float | None = None  # seconds on the snapshot's clock
     corpus_sha256: str | None = None
+    corpus: str | None = None  # the corpus name the trainer reported
     hidden_size: int | None = None
     format: str = "FP32"
 
@@ -94,6 +95,7 @@ class Snapshot:
     paused: bool = False
     horizon: int | None = None  # the final step of the race, when known
     expected_corpus_sha256: str | None = None
+    expected_corpus: str | None = None  # the configured corpus name, checked when no sha is pinned
     reviewed_tripwires: frozenset[str] = frozenset()  # keys a person reviewed and cleared
 
 

@@ -187,6 +187,7 @@ def _trial_view(r: Mapping[str, Any], steps: np.ndarray, bpb: np.ndarray, silent
         rung=int(r["rung"]),
         last_sample_at=silent,
         corpus_sha256=r["corpus_sha256"],
+        corpus=r["corpus"],
         hidden_size=r["hidden_size"],
         format=r["format"],
     )
@@ -266,10 +267,14 @@ async def load_snapshot(
     *,
     paused: bool,
     expected_corpus_sha256: str | None = None,
+    expected_corpus: str | None = None,
     now: float | None = None,
     cache: SampleCache | None = None,
 ) -> Snapshot:
     """The race as the core sees it, read in one consistent transaction.
+
+    The corpus check uses the race's pinned sha256 (else ``expected_corpus_sha256``) and,
+    when no sha is pinned, the configured corpus name (``expected_corpus``).
 
     With a ``cache`` (the loop keeps one), only the samples new since the race's last
     snapshot are read; the snapshot is the same as a full read's.
@@ -307,5 +312,6 @@ async def load_snapshot(
         paused=paused,
         horizon=horizon,
         expected_corpus_sha256=expected,
+        expected_corpus=race.config.get("corpus") or expected_corpus,
         reviewed_tripwires=reviewed - {e.key for e in open_events},
     )

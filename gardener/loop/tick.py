@@ -309,6 +309,7 @@ class Ticker:
             race,
             paused=paused,
             expected_corpus_sha256=self.settings.corpus_sha256,
+            expected_corpus=self.settings.corpus,
             cache=self.samples,
         )
         cfg = self.config_for(race)

@@ -240,6 +240,24 @@ async def test_a_stalled_trial_fires_one_tripwire(
     assert (await t.tick()).tripwires == 0
 
 
+async def test_a_trainer_on_another_corpus_fires_the_corpus_tripwire(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    names = await make_race(conn, "r-corpus", 2, first_exp=950)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.04 * i, 15, seed=i))
+    await conn.execute("UPDATE igla_race_trials SET corpus = 'stdlib' WHERE canon_name = $1",
+                       names[0])
+    await conn.execute(
+        "UPDATE igla_race_trials SET corpus = 'tiny_shakespeare' WHERE canon_name = $1", names[1]
+    )
+    report = await ticker(pool).tick()  # the configured corpus is the default, stdlib
+    assert report.tripwires == 1
+    event = await conn.fetchrow("SELECT kind, canon_name, evidence FROM tripwire_events")
+    assert (event["kind"], event["canon_name"]) == ("corpus_mismatch", names[1])
+    assert event["evidence"] == {"expected_name": "stdlib", "reported_name": "tiny_shakespeare"}
+
+
 async def test_a_race_whose_trials_all_ended_is_done_and_torn_down(
     conn: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
@@ -348,10 +366,10 @@ def same_snapshot(a: Snapshot, b: Snapshot) -> None:
         assert x.steps.tolist() == y.steps.tolist(), x.canon_name
         assert x.bpb.tobytes() == y.bpb.tobytes(), x.canon_name
         fields = ("variant", "seed", "desired_state", "observed_state", "parent", "rung",
-                  "last_sample_at", "corpus_sha256", "hidden_size", "format")
+                  "last_sample_at", "corpus_sha256", "corpus", "hidden_size", "format")
         assert [getattr(x, f) for f in fields] == [getattr(y, f) for f in fields], x.canon_name
     for f in ("race", "now", "used_seeds", "open_tripwires", "paused", "horizon",
-              "expected_corpus_sha256", "reviewed_tripwires"):
+              "expected_corpus_sha256", "expected_corpus", "reviewed_tripwires"):
         assert getattr(a, f) == getattr(b, f), f
 
 

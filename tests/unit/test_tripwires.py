@@ -109,6 +109,23 @@ def test_corpus_mismatch_and_unreported() -> None:
     assert tw.CORPUS_MISMATCH not in kinds(trial("b-seed2", [10], [3.0], corpus_sha256="bb"))
 
 
+def test_corpus_name_is_checked_when_no_sha_is_pinned() -> None:
+    k = kinds(
+        trial("a-seed1", [10], [3.0], corpus="stdlib"),
+        trial("b-seed2", [10], [3.0], corpus="tiny_shakespeare"),
+        trial("c-seed3", [10], [3.0]),
+        expected_corpus="stdlib",
+    )
+    assert k[tw.CORPUS_MISMATCH] == {"b-seed2"}
+    assert tw.CORPUS_UNREPORTED not in k
+    pinned = kinds(
+        trial("a-seed1", [10], [3.0], corpus="other-name", corpus_sha256="aa"),
+        expected_corpus="stdlib",
+        expected_corpus_sha256="aa",
+    )
+    assert tw.CORPUS_MISMATCH not in pinned
+
+
 def test_gf16_needs_hidden_256() -> None:
     k = kinds(
         trial("a-seed1", [10], [3.0], format="GF16", hidden_size=128),

@@ -48,7 +48,7 @@ SELECT name, account, kind, status, horizon, config FROM races WHERE name = $1
 -- name: snapshot_trials
 -- One race's trials with their samples in arrival order, and times as epoch seconds.
 SELECT t.canon_name, t.variant, t.seed, t.format, t.hidden_size, t.parent, t.rung,
-       t.desired_state, t.observed_state, t.corpus_sha256, t.steps AS max_steps, t.exp_id,
+       t.desired_state, t.observed_state, t.corpus_sha256, t.corpus, t.steps AS max_steps, t.exp_id,
        t.account, t.seed_state,
        extract(epoch FROM coalesce(t.last_sample_at, s.last_ts, t.observed_at, t.updated_at))::float8
            AS silent_since,
@@ -188,7 +188,7 @@ SELECT action, applied, count(*) AS n FROM gardener_decisions GROUP BY action, a
 -- many samples each has now: a count above what the cache holds plus what is new by id means
 -- a row committed behind the cache's watermark, and that trial is read again in full.
 SELECT t.canon_name, t.variant, t.seed, t.format, t.hidden_size, t.parent, t.rung,
-       t.desired_state, t.observed_state, t.corpus_sha256, t.steps AS max_steps,
+       t.desired_state, t.observed_state, t.corpus_sha256, t.corpus, t.steps AS max_steps,
        extract(epoch FROM t.last_sample_at)::float8 AS last_sample_epoch,
        extract(epoch FROM coalesce(t.observed_at, t.updated_at))::float8 AS fallback_epoch,
        (SELECT count(*) FROM bpb_samples b
