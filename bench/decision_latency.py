@@ -37,38 +37,6 @@ sys.path.insert(0, str(ROOT))
 from gardener.core import canon  # noqa: E402
 from gardener.ledger import db, migrate, trials  # noqa: E402
 
-# The daemon on an in-memory backend: every trial "runs", nothing is spawned.
-MEMORY_MAIN = """
-import sys, anyio
-from gardener import logs
-from gardener.backends.base import EnsureOutcome, ServiceState, Status
-from gardener.loop.daemon import serve
-from gardener.settings import Settings
-
-class Memory:
-    kind = "memory"
-    def __init__(self, account):
-        self.account, self.services = account, {}
-    async def observe(self):
-        return [ServiceState(n, n, n, s, s.value, True) for n, s in self.services.items()]
-    async def ensure(self, spec):
-        self.services[spec.canon_name] = Status.RUNNING
-        return EnsureOutcome.CREATED
-    async def stop(self, name, *, account=None):
-        self.services[name] = Status.STOPPED
-        return True
-    async def remove(self, name, *, account=None):
-        return self.services.pop(name, None) is not None
-    async def tail(self, name, cursor=None):
-        return []
-    async def aclose(self):
-        pass
-
-settings = Settings(account="acc1", poll_interval=float(sys.argv[2]))
-logs.configure("json", sys.argv[3])
-anyio.run(lambda: serve(settings, dsn=sys.argv[1], backend_factory=Memory, http=False))
-"""
-
 
 def with_database(dsn: str, name: str) -> str:
     p = urlsplit(dsn)
@@ -91,10 +59,8 @@ async def drop_db(server_dsn: str, dsn: str) -> None:
 
 def start_daemon(dsn: str, log_path: Path, poll: float, level: str = "warning"
                  ) -> subprocess.Popen[bytes]:
-    script = log_path.with_suffix(".py")
-    script.write_text(MEMORY_MAIN)
-    out = log_path.open("wb")
-    return subprocess.Popen([sys.executable, str(script), dsn, str(poll), level],
+    out = log_path.open("wb")  # the daemon on an in-memory backend: every trial "runs"
+    return subprocess.Popen([sys.executable, "-m", "tests.memory_daemon", dsn, str(poll), level],
                             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 

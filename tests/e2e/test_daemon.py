@@ -258,37 +258,6 @@ async def test_real_trainers_samples_become_decisions_and_the_race_ends(
     assert d.wait(10) == 0
 
 
-# A daemon process on an in-memory backend: the test is about the ledger, not the trainers.
-CHAOS_MAIN = """
-import sys, anyio
-from gardener import logs
-from gardener.backends.base import EnsureOutcome, ServiceState, Status
-from gardener.loop.daemon import serve
-from gardener.settings import Settings
-
-class Memory:
-    kind = "memory"
-    def __init__(self, account):
-        self.account, self.services = account, {}
-    async def observe(self):
-        return [ServiceState(n, n, n, s, s.value, True) for n, s in self.services.items()]
-    async def ensure(self, spec):
-        self.services[spec.canon_name] = Status.RUNNING
-        return EnsureOutcome.CREATED
-    async def stop(self, name, *, account=None):
-        self.services[name] = Status.STOPPED
-        return True
-    async def remove(self, name, *, account=None):
-        return self.services.pop(name, None) is not None
-    async def tail(self, name, cursor=None):
-        return []
-    async def aclose(self):
-        pass
-
-settings = Settings(account="acc1", poll_interval=0.2)
-logs.configure("json", "info")
-anyio.run(lambda: serve(settings, dsn=sys.argv[1], backend_factory=Memory, http=False))
-"""
 
 
 async def _invariants(conn: asyncpg.Connection, race_names: list[str]) -> dict[str, int]:
@@ -339,9 +308,8 @@ async def test_sigkill_at_random_moments_leaves_no_duplicate_and_no_lost_decisio
     db_dsn: str, tmp_path: Path, daemons: list[Daemon], conn: asyncpg.Connection
 ) -> None:
     rng = random.Random(20261126)
-    script = tmp_path / "chaos_main.py"
-    script.write_text(CHAOS_MAIN)
-    argv = [sys.executable, str(script), db_dsn]
+    # A daemon on an in-memory backend: the test is about the ledger, not the trainers.
+    argv = [sys.executable, "-m", "tests.memory_daemon", db_dsn, "0.2", "info"]
     races: dict[str, list[str]] = {}
     for k in range(3):
         races[f"chaos-{k}"] = await make_race(
