@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from gardener.core import fit as fitmod
 from gardener.core import gates
@@ -291,7 +291,7 @@ class _Race:
         sd = math.sqrt(se**2 + 2.0 * drift * remaining)
         # A normal quantile, per comparison: a Student-t on the few recent points, or a
         # family-wise level, kept nearly every trial on real curves (docs/backtest.md).
-        z = float(stats.norm.ppf(self.cfg.prune_level))
+        z = float(special.ndtri(self.cfg.prune_level))  # the normal quantile
         return {
             "points": m,
             "mean": mean,

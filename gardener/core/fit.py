@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import optimize, stats
+from scipy import special
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -395,7 +395,7 @@ def _fit_batch_impl(
     cov = st.cov * d[:, :, None] * d[:, None, :]
     a = b_out * np.power(t_ref, p)
     df = np.maximum(n - 3, 1.0)
-    q = stats.t.ppf(0.5 + level / 2, df)
+    q = special.stdtrit(df, 0.5 + level / 2)  # the Student-t quantile
     half = q * np.sqrt(cov[:, 0, 0])
     last_step = t_ref
 
@@ -616,6 +616,8 @@ def _scipy_polish(
     x0 = np.array([c, b, p])
     if z.size < 3:
         return c, b, p
+    from scipy import optimize  # only the single-curve polish needs it: keeps start-up light
+
     try:
         res = optimize.least_squares(resid, x0, jac=jac, method="lm", xtol=1e-12, ftol=1e-12,
                                      gtol=1e-12, max_nfev=200)
@@ -795,7 +797,7 @@ def _predict_arrays(
         var_mean = _quad((np.ones_like(x), x, -b * x * log_s), cov)
         dist = np.maximum(np.log(t / last), 0.0)
         var_disc = (kappa * dist) ** 2
-        q = stats.t.ppf(0.5 + level / 2, df) if 0 < level < 1 else np.full_like(df, np.nan)
+        q = special.stdtrit(df, 0.5 + level / 2) if 0 < level < 1 else np.full_like(df, np.nan)
         ci = q * np.sqrt(np.maximum(var_mean, 0.0) + var_disc)
         pi = q * np.sqrt(np.maximum(var_mean, 0.0) + var_disc + sigma**2)
         down = np.maximum(-drift, 0.0) * dist
