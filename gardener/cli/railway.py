@@ -27,7 +27,7 @@ from gardener.ledger.queries import Queries
 from gardener.loop.daemon import default_backend_factory
 from gardener.loop.reconciler import build_spec
 from gardener.settings import Settings
-from gardener.trainer.spec import hidden_size_for, load_models_config
+from gardener.trainer.spec import ModelsConfig, hidden_size_for, load_models_config
 
 Q = Queries("loop.sql")
 console = Console()
@@ -45,9 +45,8 @@ def read_names(lines: list[str]) -> list[str]:
     return [s for s in (line.split("#", 1)[0].strip() for line in lines) if s]
 
 
-def validate_batch(names: list[str]) -> list[canon.CanonName]:
+def validate_batch(names: list[str], models: ModelsConfig) -> list[canon.CanonName]:
     """Parse every name (L-R9 included) and report every bad one at once."""
-    models = load_models_config()
     known = (*canon.DEFAULT_MODELS, *models.models)
     parsed: list[canon.CanonName] = []
     errors: list[str] = []
@@ -111,7 +110,8 @@ def batch_deploy(
     if not names:
         raise UserError("no canon names on stdin")
     cfg = load_batch_config(config)
-    parsed = validate_batch(names) if validate_canon else [canon.parse(n) for n in names]
+    models = load_models_config()
+    parsed = validate_batch(names, models) if validate_canon else [canon.parse(n) for n in names]
     race_name = race or cfg.get("name") or "batch"
     run_steps = int(steps or cfg.get("steps") or 81000)
     base = settings()
@@ -119,7 +119,6 @@ def batch_deploy(
     if chosen not in ("local", "railway"):
         raise ConfigError(f"backend must be local or railway, not {chosen!r}")
     s = base.model_copy(update={"backend": chosen})
-    models = load_models_config()
     admissions = [
         trials.Admission(canon=c, hidden_size=hidden_size_for(c, models), steps=run_steps)
         for c in parsed
@@ -139,7 +138,7 @@ def batch_deploy(
                 config={"auto_teardown": bool(cfg.get("auto_teardown", False))},
             )
             admitted = await trials.admit(conn, race_name, who, admissions, backend=chosen)
-            report = None if no_deploy else await _deploy(conn, s, who, race_name)
+            report = None if no_deploy else await _deploy(conn, s, who, race_name, models)
         finally:
             await conn.close()
         return {
@@ -163,9 +162,10 @@ def batch_deploy(
     emit(result, as_json, human)
 
 
-async def _deploy(conn: asyncpg.Connection, s: Settings, who: str, race: str) -> ReconcileReport:
+async def _deploy(
+    conn: asyncpg.Connection, s: Settings, who: str, race: str, models: ModelsConfig
+) -> ReconcileReport:
     rows = [r for r in await conn.fetch(Q.desired_trials, who) if r["race"] == race]
-    models = load_models_config()
     specs = [build_spec(r, s, models) for r in rows]
     backend: Backend = default_backend_factory(s)(who)
     try:

@@ -342,13 +342,18 @@ class RailwayBackend:
         self._pending[sid] = _Pending(str(data["serviceInstanceDeployV2"]), previous, self._clock())
 
     # ---- stop and remove -----------------------------------------------------------------
-    async def stop(self, canon_name: str, *, account: str | None = None) -> bool:
+    async def _owned(self, canon_name: str, account: str | None) -> ServiceState | None:
+        """The trial's service, if any; refused before any change when it is not ours."""
         check_account(self.account, account, canon_name)
         known = await self._find(canon_name)
+        if known is not None and not known.owned:
+            raise ForeignService(f"{known.service_name} was not created by the gardener")
+        return known
+
+    async def stop(self, canon_name: str, *, account: str | None = None) -> bool:
+        known = await self._owned(canon_name, account)
         if known is None:
             return False
-        if not known.owned:
-            raise ForeignService(f"{known.service_name} was not created by the gardener")
         if known.status not in ACTIVE:
             return False
         dep_id = known.deployment_id
@@ -366,12 +371,9 @@ class RailwayBackend:
         return True
 
     async def remove(self, canon_name: str, *, account: str | None = None) -> bool:
-        check_account(self.account, account, canon_name)
-        known = await self._find(canon_name)
+        known = await self._owned(canon_name, account)
         if known is None:
             return False
-        if not known.owned:
-            raise ForeignService(f"{known.service_name} was not created by the gardener")
         try:
             await self.client.execute(
                 "ServiceDelete", {"id": known.service_id, "environmentId": self.environment_id}
