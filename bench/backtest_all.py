@@ -24,7 +24,7 @@ import numpy as np
 
 from gardener.race.backtest import Race, Run, load_curves, run_backtest
 
-CURVES = Path("/work/shared/curves/igla_trios_results.csv")
+CURVES = Path(__file__).resolve().parent / "data/igla_trios_results.csv"
 TRAINER_CURVES = Path(__file__).resolve().parent.parent / "docs/curves/trainer_curves.csv"
 LADDERS = {
     "octaves": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0),

@@ -24,7 +24,7 @@ import numpy as np
 
 from gardener.core.fit import fit_many, fit_power_law
 
-DEFAULT_CSV = "/work/shared/curves/igla_trios_results.csv"
+DEFAULT_CSV = str(Path(__file__).resolve().parent / "data/igla_trios_results.csv")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 BOOTSTRAP = 2000
 

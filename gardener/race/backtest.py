@@ -22,6 +22,7 @@ the value at the rung as the prediction.
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 import re
 from collections import defaultdict
@@ -79,12 +80,14 @@ class Race:
 
 
 def load_curves(path: str | Path) -> list[Race]:
-    """Races from a CSV with columns run, step, value and an optional group (lower is
-    better). A repeated step keeps its first value; non-finite values are left out."""
+    """Races from a CSV (or a gzipped one, ``.csv.gz``) with columns run, step, value and an
+    optional group (lower is better). A repeated step keeps its first value; non-finite
+    values are left out."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"no such file: {p}")
-    with p.open(newline="") as fh:
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", newline="") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or ())
         missing = {"run", "step", "value"} - cols

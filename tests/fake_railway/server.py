@@ -13,7 +13,6 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import graphql
@@ -23,7 +22,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-SCHEMA_PATH = Path("/work/shared/railway/schema.graphql")
+from gardener.backends.railway.documents import schema_sdl
+
 MAX_NAME = 32
 STAGES = ("QUEUED", "INITIALIZING", "BUILDING", "DEPLOYING", "SUCCESS")
 FAULT_KINDS = ("429", "500", "timeout", "html", "graphql_error", "applied_timeout")
@@ -34,7 +34,7 @@ def load_schema() -> graphql.GraphQLSchema:
     """Railway's schema (the dump's one SDL defect, a deprecated Team.id, is ignored)."""
     global _SCHEMA
     if _SCHEMA is None:
-        _SCHEMA = graphql.build_schema(SCHEMA_PATH.read_text(), assume_valid=True)
+        _SCHEMA = graphql.build_schema(schema_sdl(), assume_valid=True)
     return _SCHEMA
 
 

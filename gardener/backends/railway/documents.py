@@ -1,12 +1,21 @@
 """Every GraphQL document the Railway client sends, by operation name.
 
-``tests/unit/test_documents.py`` validates each one against Railway's public schema
-(/work/shared/railway/schema.graphql), so a document that would fail against the real API
-fails in CI first. Optional variables are declared nullable and left out of the request when
+``tests/unit/test_documents.py`` validates each one against Railway's public schema, shipped
+beside this module as ``schema.graphql`` (read it with :func:`schema_sdl`), so a document
+that would fail against the real API fails in CI first. Optional variables are declared nullable and left out of the request when
 unused: sending ``null`` tells Railway to unset a field.
 """
 
 from __future__ import annotations
+
+from importlib import resources
+
+
+def schema_sdl() -> str:
+    """Railway's public GraphQL schema as SDL (converted from the introspection dump of the
+    public railwayapp/cli repository, v5.43.1), shipped with the package."""
+    return resources.files(__package__).joinpath("schema.graphql").read_text(encoding="utf-8")
+
 
 # One read per pass: every service instance of the environment with its latest deployment.
 LIST_SERVICES = """
