@@ -18,6 +18,7 @@ FORMATS: tuple[str, ...] = ("FP32", "GF16", "BF16", "DLFLOAT", "FP8E4M3", "FP8E5
 NO_EXP_ID_TAGS: frozenset[str] = frozenset({"SMOKE", "CHAMP"})
 GF16_MIN_HIDDEN = 256  # L-R9
 MAX_SEED = 2**32
+MAX_EXP_ID = 2**31 - 1  # the ledger's integer column; E<EXP_ID:04> is a minimum width
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _EXP_RE = re.compile(r"^E(\d{4,})$")
@@ -54,8 +55,8 @@ class CanonName:
             raise InvalidCanonName(
                 "missing EXP_ID: only SMOKE and CHAMP names may omit the E<NNNN> part"
             )
-        if self.exp_id is not None and not 1 <= self.exp_id <= 9999:
-            raise InvalidCanonName(f"EXP_ID {self.exp_id} outside E0001..E9999")
+        if self.exp_id is not None and not 1 <= self.exp_id <= MAX_EXP_ID:
+            raise InvalidCanonName(f"EXP_ID {self.exp_id} outside E0001..E{MAX_EXP_ID}")
 
     @property
     def variant(self) -> str:

@@ -30,7 +30,7 @@ async def next_exp_id(conn: asyncpg.Connection) -> int:
     """The id a claim would take now, without taking it."""
     value = await conn.fetchval(Q.next_exp_id)
     if value is None:
-        raise UserError("EXP_IDs are exhausted (E9999 reached)")
+        raise UserError("EXP_IDs are exhausted (E2147483647 reached)")
     return int(value)
 
 
@@ -46,7 +46,7 @@ async def claim(
             try:
                 value = await conn.fetchval(Q.claim_from_sequence, account, by)
             except asyncpg.SequenceGeneratorLimitExceededError:
-                raise UserError("EXP_IDs are exhausted (E9999 reached)") from None
+                raise UserError("EXP_IDs are exhausted (E2147483647 reached)") from None
             if value is not None:
                 taken.append(int(value))
     return taken

@@ -117,6 +117,24 @@ async def test_next_does_not_take_and_claim_takes(conn: asyncpg.Connection) -> N
     assert await expid.next_exp_id(conn) == 8
 
 
+async def test_exp_ids_go_past_e9999(conn: asyncpg.Connection) -> None:
+    """E<EXP_ID:04> is a minimum width: the sequence, explicit claims and sorting go on."""
+    await conn.execute("SELECT setval('exp_id_seq', 9998)")
+    assert await expid.next_exp_id(conn) == 9999
+    assert await expid.claim(conn, "acc1", 3) == [9999, 10000, 10001]
+    await expid.claim_exact(conn, 10003, "acc1", "IGLA-HYBRID-FP32-WSD-E10003-seed1")
+    assert await expid.next_exp_id(conn) == 10002
+    assert await expid.claim(conn, "acc1", 2) == [10002, 10004]
+    ordered = await conn.fetchval("SELECT array_agg(exp_id ORDER BY exp_id) FROM exp_ids")
+    assert ordered[-6:] == [9999, 10000, 10001, 10002, 10003, 10004]
+
+
+async def test_next_exp_id_skips_a_run_of_explicit_claims(conn: asyncpg.Connection) -> None:
+    for i in (5, 6, 7, 9):
+        await expid.claim_exact(conn, i, "acc1", None)
+    assert await expid.next_exp_id(conn) == 8
+
+
 @pytest.mark.parametrize("slot", [1, 2, 3, 4])
 async def test_champion_slots_are_locked(conn: asyncpg.Connection, slot: int) -> None:
     with pytest.raises(ReusedChampionSlot, match=f"E000{slot}"):

@@ -63,9 +63,16 @@ def test_parts_of_a_name() -> None:
         ("IGLA-HYBRID-FP32-E0005-seed1", "at least one tag"),
         ("IGLA-HYBRID-FP32-W$D-E0005-seed1", "bad tag 'W$D'"),
         ("IGLA-HYBRID-FP32-WSD-E0005-seed4294967296", "outside [0, 2^32)"),
-        ("IGLA-HYBRID-FP32-WSD-E0000-seed1", "EXP_ID 0 outside E0001..E9999"),
+        ("IGLA-HYBRID-FP32-WSD-E0000-seed1", "EXP_ID 0 outside E0001..E2147483647"),
     ],
 )
+def test_exp_ids_beyond_e9999_parse_and_print() -> None:
+    name = canon.parse("IGLA-HYBRID-FP32-WSD-E10000-seed1")
+    assert name.exp_id == 10000
+    assert str(name) == "IGLA-HYBRID-FP32-WSD-E10000-seed1"
+    assert str(canon.parse("IGLA-HYBRID-FP32-WSD-E123456-seed7")).endswith("-E123456-seed7")
+
+
 def test_bad_names_name_the_bad_part(name: str, fragment: str) -> None:
     with pytest.raises(InvalidCanonName) as err:
         canon.parse(name)
@@ -97,7 +104,7 @@ tags = st.lists(st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True), min_size=1,
     fmt=st.sampled_from(canon.FORMATS),
     tags=tags,
     seed=st.integers(0, 2**32 - 1),
-    exp_id=st.one_of(st.none(), st.integers(1, 9999)),
+    exp_id=st.one_of(st.none(), st.integers(1, 10**7)),
 )
 def test_round_trip(model: str, fmt: str, tags: list[str], seed: int, exp_id: int | None) -> None:
     if exp_id is None:

@@ -21,7 +21,7 @@ canon_names = st.builds(
     st.lists(st.sampled_from(["WSD", "BS8", "GRADFIX", "EMA10", "h512", "h768", "COSINE"]),
              min_size=1, max_size=4),
     st.integers(0, 2**32 - 1),
-    st.one_of(st.none(), st.integers(1, 9999)),
+    st.one_of(st.none(), st.integers(1, 10**7)),
 )
 
 

@@ -3,7 +3,12 @@
 WITH seq AS (
     SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END AS v FROM exp_id_seq
 )
-SELECT min(c) FROM seq, generate_series((SELECT v FROM seq), 9999) AS c
+-- The answer is the sequence's next value or one past an id already held at or beyond it.
+SELECT min(c) FROM (
+    SELECT v AS c FROM seq
+    UNION ALL
+    SELECT e.exp_id + 1 FROM exp_ids e, seq WHERE e.exp_id >= seq.v
+) AS candidates
 WHERE NOT EXISTS (SELECT 1 FROM exp_ids e WHERE e.exp_id = c)
 
 -- name: claim_from_sequence
