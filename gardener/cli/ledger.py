@@ -101,6 +101,14 @@ def status_cmd(as_json: JsonOpt = False) -> None:
 db_app = typer.Typer(help="The embedded database.", no_args_is_help=True)
 
 
+@db_app.command("start")
+def db_start() -> None:
+    """Start the embedded PostgreSQL and keep it running until `gardener db stop`."""
+    where = db.embedded_dir(settings())
+    db.start_embedded(where, keep_running=True)
+    typer.echo(f"embedded PostgreSQL running in {where} until `gardener db stop`")
+
+
 @db_app.command("stop")
 def db_stop() -> None:
     """Stop the embedded PostgreSQL server, if one runs under the data directory."""

@@ -1,12 +1,14 @@
 """Where the database is, and connections to it.
 
 With ``DATABASE_URL`` set, that server is used. Without it, an embedded PostgreSQL (the
-``pgserver`` package) is started under the data directory and left running, so the next
-command finds it at once; ``gardener db stop`` stops it.
+``pgserver`` package) is started under the data directory; it stops when the last gardener
+process using it exits (``gardener db start`` keeps one running on purpose, ``gardener db
+stop`` stops that).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from gardener.errors import ConfigError
+from gardener.errors import ConfigError, UserError
 from gardener.settings import Settings
 
 
@@ -22,22 +24,50 @@ def embedded_dir(settings: Settings) -> Path:
     return (settings.data_dir / "pgdata").resolve()
 
 
-def start_embedded(data_dir: Path) -> str:
-    """Start (or find running) the embedded server and return its URL."""
+def start_embedded(data_dir: Path, keep_running: bool = False) -> str:
+    """Start (or find running) the embedded server and return its URL.
+
+    Each process that uses the server holds a handle on it; the server stops when the last
+    process holding one exits, so a command leaves nothing running behind it. With
+    ``keep_running`` (``gardener db start``) it is started on purpose and holds no handle:
+    it runs until ``gardener db stop``.
+    """
     os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.parent))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(str(data_dir), cleanup_mode=None)
+        _forget_dead_handles(data_dir)
+        server = pgserver.get_server(str(data_dir), cleanup_mode=None if keep_running else "stop")
+        if keep_running:  # no handle of this process: its exit must not stop the server
+            server.global_process_id_list.get_and_remove(os.getpid())
     return str(server.get_uri())
 
 
+def embedded_users(data_dir: Path) -> list[int]:
+    """Process ids of the live processes holding a handle on the embedded server."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _forget_dead_handles(data_dir)
+    handles = data_dir / _HANDLES
+    pids = json.loads(handles.read_text()) if handles.exists() else []
+    return [pid for pid in pids if pid != os.getpid()]
+
+
 def stop_embedded(data_dir: Path) -> bool:
-    """Stop the embedded server if one runs there; say whether one did."""
+    """Stop the embedded server if one runs there; say whether one did.
+
+    Refused while another gardener process still uses it (it would lose its database).
+    """
     if not (data_dir / "postmaster.pid").exists():
         return False
+    users = embedded_users(data_dir)
+    if users:
+        raise UserError(
+            f"the embedded PostgreSQL in {data_dir} is in use by gardener process(es) "
+            f"{', '.join(map(str, users))}; it stops by itself when the last one exits"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
@@ -45,6 +75,28 @@ def stop_embedded(data_dir: Path) -> bool:
         server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
         server.cleanup()
     return True
+
+
+_HANDLES = ".handle_pids.json"  # pgserver's list of the processes holding a handle
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """Drop handles of processes that died without exiting cleanly (SIGKILL, a crash), so
+    they do not keep the server running forever."""
+    handles = data_dir / _HANDLES
+    if not handles.exists():
+        return
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+
+    with PostgresServer._lock:  # pgserver's own inter-process lock over the handle list
+        try:
+            pids = json.loads(handles.read_text())
+        except ValueError:
+            pids = []
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
 
 
 def resolve_dsn(settings: Settings) -> tuple[str, str]:

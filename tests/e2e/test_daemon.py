@@ -32,7 +32,8 @@ from gardener.settings import Settings
 from tests.integration.test_apply import add_samples, curve, make_race
 
 ROOT = Path(__file__).resolve().parents[2]
-GARDENER = str(ROOT / ".venv" / "bin" / "gardener")
+# The CLI installed beside the interpreter running the tests, whatever its environment.
+GARDENER = str(Path(sys.executable).parent / "gardener")
 
 
 class Daemon:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -20,4 +21,6 @@ def test_import_contracts_hold() -> None:
         timeout=100,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    kept = re.search(r"Contracts: (\d+) kept, (\d+) broken", result.stdout)
+    assert kept is not None, result.stdout
+    assert int(kept.group(1)) >= 1 and int(kept.group(2)) == 0, result.stdout
