@@ -227,12 +227,10 @@ def smoke_race_cmd(
         else:
             result = anyio.run(main)
     except KeyboardInterrupt:  # before the race's own handler was installed: nothing runs yet
-        say("interrupted (SIGINT) before the race started: nothing was admitted or started"
-            + (f"; an embedded PostgreSQL may be left running in {db.embedded_dir(s)} "
-               "(`gardener db stop` stops it)" if embedded else ""))
+        say("interrupted (SIGINT) before the race started: nothing was admitted or started")
         raise typer.Exit(130) from None
-    db_note = (" (the embedded PostgreSQL keeps running: `gardener db stop` stops it)"
-               if embedded else "")
+    db_note = (" (the embedded PostgreSQL stops as this command exits; any gardener command "
+               "starts it again to read the ledger)" if embedded else "")
 
     if result.interrupted is not None:
         i = result.interrupted

@@ -29,8 +29,8 @@ def start_embedded(data_dir: Path, keep_running: bool = False) -> str:
 
     Each process that uses the server holds a handle on it; the server stops when the last
     process holding one exits, so a command leaves nothing running behind it. With
-    ``keep_running`` (``gardener db start``) it is started on purpose and holds no handle:
-    it runs until ``gardener db stop``.
+    ``keep_running`` (``gardener db start``) it is started on purpose: a marker beside the data
+    directory says so, and no command stops it until ``gardener db stop``.
     """
     os.environ.setdefault("XDG_RUNTIME_DIR", str(data_dir.parent))
     with warnings.catch_warnings():
@@ -38,10 +38,12 @@ def start_embedded(data_dir: Path, keep_running: bool = False) -> str:
         import pgserver
 
         data_dir.mkdir(parents=True, exist_ok=True)
+        kept = data_dir.parent / _KEEP
+        if keep_running:
+            kept.touch()
         _forget_dead_handles(data_dir)
-        server = pgserver.get_server(str(data_dir), cleanup_mode=None if keep_running else "stop")
-        if keep_running:  # no handle of this process: its exit must not stop the server
-            server.global_process_id_list.get_and_remove(os.getpid())
+        on_purpose = kept.exists()
+        server = pgserver.get_server(str(data_dir), cleanup_mode=None if on_purpose else "stop")
     return str(server.get_uri())
 
 
@@ -61,6 +63,7 @@ def stop_embedded(data_dir: Path) -> bool:
     Refused while another gardener process still uses it (it would lose its database).
     """
     if not (data_dir / "postmaster.pid").exists():
+        (data_dir.parent / _KEEP).unlink(missing_ok=True)
         return False
     users = embedded_users(data_dir)
     if users:
@@ -74,10 +77,12 @@ def stop_embedded(data_dir: Path) -> bool:
 
         server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
         server.cleanup()
+    (data_dir.parent / _KEEP).unlink(missing_ok=True)
     return True
 
 
 _HANDLES = ".handle_pids.json"  # pgserver's list of the processes holding a handle
+_KEEP = "pg-keep-running"  # beside the data directory: `gardener db start` asked for it
 
 
 def _forget_dead_handles(data_dir: Path) -> None:

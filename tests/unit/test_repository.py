@@ -1,0 +1,81 @@
+"""The repository stands alone: no tracked file names a path on one machine or a folder
+outside the checkout, so a fresh clone anywhere has everything its code, tests, benchmarks
+and docs refer to."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Home and work folders of a machine, and any relative path that climbs out of the checkout
+# into a sibling folder (`../shared/...`). System paths every machine has (/usr/bin, /proc,
+# /etc/postgresql, /tmp) are not machine-specific and stay allowed.
+FORBIDDEN = re.compile(
+    r"(?<![\w.~-])/(?:work|root|home|Users|mnt|srv|opt)/[\w.-]+"
+    r"|(?<![\w.])\.\./[\w-]+/"
+)
+
+
+def machine_paths(text: str) -> list[str]:
+    """What in ``text`` names a machine-specific path or a folder outside the repository."""
+    return [m.group(0) for m in FORBIDDEN.finditer(text)]
+
+
+def _tracked_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True, timeout=30).stdout
+    except (OSError, subprocess.CalledProcessError):  # an unpacked sdist: every file counts
+        return [p for p in ROOT.rglob("*") if p.is_file() and ".venv" not in p.parts
+                and ".git" not in p.parts]
+    return [ROOT / name for name in out.decode().split("\0") if name]
+
+
+def test_no_tracked_file_names_a_machine_path() -> None:
+    found = {}
+    files = _tracked_files()
+    assert len(files) > 50  # the scan really sees the repository
+    for path in files:
+        if not path.exists():  # deleted in the work tree, not yet committed
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:4096]:  # binary (images, gzipped curves)
+            continue
+        hits = machine_paths(data.decode("utf-8", errors="replace"))
+        if hits:
+            found[str(path.relative_to(ROOT))] = sorted(set(hits))
+    assert found == {}, f"machine-specific paths in tracked files: {found}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'SCHEMA = Path("/work/shared/railway/schema.graphql")',
+        "see ../shared/curves/igla_trios_results.csv",
+        "python /root/project/bench/x.py",
+        "open('/home/alice/data.csv')",
+    ],
+)
+def test_the_check_catches_a_machine_path(text: str) -> None:
+    assert machine_paths(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "/usr/bin/chromium --headless",
+        "read /proc/<pid>/environ",
+        "pg_ctlcluster $(ls /etc/postgresql) main start",
+        "bench/data/igla_trios_results.csv",
+        "https://backboard.railway.com/graphql/v2",
+        "./.gardener/pgdata",
+        "--json > /tmp/backtest.json",
+    ],
+)
+def test_the_check_allows_what_every_machine_has(text: str) -> None:
+    assert machine_paths(text) == []
