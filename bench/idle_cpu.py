@@ -59,7 +59,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                "GARDENER_LOG_LEVEL": "warning", "GARDENER_POLL_INTERVAL": str(args.poll)}
         with (tmp / "run.log").open("wb") as log:
             proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-                [str(ROOT / ".venv" / "bin" / "gardener"), "run", "--account", "acc1"],
+                [str(Path(sys.executable).parent / "gardener"), "run", "--account", "acc1"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
                 pct = await measure(proc, args.warmup, args.seconds)
