@@ -52,6 +52,13 @@ def test_parts_of_a_name() -> None:
     assert canon.parse("IGLA-TRAIN_V2-GF16-CHAMP-seed300").is_champion
 
 
+def test_exp_ids_beyond_e9999_parse_and_print() -> None:
+    name = canon.parse("IGLA-HYBRID-FP32-WSD-E10000-seed1")
+    assert name.exp_id == 10000
+    assert str(name) == "IGLA-HYBRID-FP32-WSD-E10000-seed1"
+    assert str(canon.parse("IGLA-HYBRID-FP32-WSD-E123456-seed7")).endswith("-E123456-seed7")
+
+
 @pytest.mark.parametrize(
     ("name", "fragment"),
     [
@@ -66,13 +73,6 @@ def test_parts_of_a_name() -> None:
         ("IGLA-HYBRID-FP32-WSD-E0000-seed1", "EXP_ID 0 outside E0001..E2147483647"),
     ],
 )
-def test_exp_ids_beyond_e9999_parse_and_print() -> None:
-    name = canon.parse("IGLA-HYBRID-FP32-WSD-E10000-seed1")
-    assert name.exp_id == 10000
-    assert str(name) == "IGLA-HYBRID-FP32-WSD-E10000-seed1"
-    assert str(canon.parse("IGLA-HYBRID-FP32-WSD-E123456-seed7")).endswith("-E123456-seed7")
-
-
 def test_bad_names_name_the_bad_part(name: str, fragment: str) -> None:
     with pytest.raises(InvalidCanonName) as err:
         canon.parse(name)
