@@ -152,3 +152,20 @@ async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A directory for a data directory of the gardener's own embedded server.
+
+    Not under pytest's tmp_path: run as root, pgserver runs PostgreSQL as a system user that
+    must traverse every parent, and each pytest session resets its tmp root to mode 0700.
+    """
+    home = Path(tempfile.mkdtemp(prefix="gardener-e2e-"))
+    home.chmod(0o755)
+    try:
+        yield home
+    finally:
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)

@@ -79,8 +79,8 @@ def test_migrate_reports_where_and_is_idempotent(db_dsn: str) -> None:
 
 
 @pytest.mark.slow
-def test_embedded_database_when_no_url(tmp_path: object) -> None:
-    data_dir = str(tmp_path)
+def test_embedded_database_when_no_url(embedded_home: object) -> None:
+    data_dir = str(embedded_home)
     try:
         result = run(["migrate"], None, GARDENER_DATA_DIR=data_dir)
         assert result.returncode == 0, result.stderr

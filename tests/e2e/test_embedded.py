@@ -43,8 +43,8 @@ def _servers(pgdata: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_command_leaves_no_server_running_and_db_start_keeps_one(tmp_path: Path) -> None:
-    data = tmp_path / ".gardener"
+def test_a_command_leaves_no_server_running_and_db_start_keeps_one(embedded_home: Path) -> None:
+    data = embedded_home / ".gardener"
     pgdata = data.resolve() / "pgdata"
 
     status = _cli(["status", "--json"], data)
@@ -75,12 +75,14 @@ def test_a_command_leaves_no_server_running_and_db_start_keeps_one(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_the_smoke_race_on_the_embedded_server_leaves_nothing_running(tmp_path: Path) -> None:
+def test_the_smoke_race_on_the_embedded_server_leaves_nothing_running(
+    embedded_home: Path,
+) -> None:
     """The README's first command, reduced: no database variable at all."""
-    data = tmp_path / ".gardener"
+    data = embedded_home / ".gardener"
     args = ["smoke-race", "--tags", "WSD,h768", "--seeds-per-tag", "2", "--max-steps", "60",
             "--wallclock", "90s", "--account", "acc1", "--auto-teardown", "--json",
-            "--report", str(tmp_path / "SMOKE.md")]
+            "--report", str(embedded_home / "SMOKE.md")]
     res = _cli(args, data, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout)
