@@ -11,9 +11,9 @@ Body (JSON object), either or both of:
 Answers: 200 with one result per item (``accepted``, ``duplicate``, ``rejected`` with code
 and reason, ``corpus``, ``done``, ``ignored``) and the counts; 400 for a body that is not
 that shape; 401 for a missing or unknown token; 408 for a body not received within
-``body_timeout`` seconds (a stalled client does not hold a request open forever); 413 for more than ``max_items`` items or
-``max_body`` bytes; 503 when the ledger cannot be written (retry: a re-sent sample already stored
-comes back ``duplicate``).
+``body_timeout`` seconds (a stalled client does not hold a request open forever); 413 for
+more than ``max_items`` items or ``max_body`` bytes; 503 when the ledger cannot be written
+(retry: a re-sent sample already stored comes back ``duplicate``).
 """
 
 from __future__ import annotations
@@ -76,21 +76,21 @@ def _authenticate(request: Request, tokens: dict[bytes, str]) -> str | None:
     return found
 
 
-async def _read_body(request: Request, max_body: int, timeout: float = BODY_TIMEOUT) -> bytes:
+async def _read_body(request: Request, max_body: int, within: float = BODY_TIMEOUT) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise _BadRequest(413, f"body of {declared} bytes is over the {max_body} byte limit")
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > max_body:
                     raise _BadRequest(413, f"body is over the {max_body} byte limit")
                 chunks.append(chunk)
     except TimeoutError:
-        raise _BadRequest(408, f"body not received within {timeout:g} s") from None
+        raise _BadRequest(408, f"body not received within {within:g} s") from None
     return b"".join(chunks)
 
 
@@ -149,7 +149,8 @@ def routes(
                 headers={"WWW-Authenticate": 'Bearer realm="gardener"'},
             )
         try:
-            samples, name, lines = _shape(await _read_body(request, max_body, body_timeout), max_items)
+            body = await _read_body(request, max_body, body_timeout)
+            samples, name, lines = _shape(body, max_items)
         except _BadRequest as exc:
             close = {"Connection": "close"} if exc.status in (408, 413) else None
             return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=close)

@@ -53,7 +53,8 @@ UNKNOWN_TRIAL = "unknown_trial"
 CROSS_ACCOUNT = "cross_account"
 
 L_R8 = re.compile(r"\d\.\d{4}", re.ASCII)  # the value part of ^BPB=\d\.\d{4}$, used with fullmatch
-_FAST = re.compile(r"step=(0|[1-9]\d{0,9}) BPB=(\d\.\d{4})", re.ASCII)  # the trainer's own line, exactly
+# The trainer's own line, exactly.
+_FAST = re.compile(r"step=(0|[1-9]\d{0,9}) BPB=(\d\.\d{4})", re.ASCII)
 # "bpb" then "=" or ":", or then a number after a space ("val BPB 2.3456"): a sample, or a
 # broken one. "computing bpb on the validation set" is not.
 _LOOKS_LIKE_BPB = re.compile(r"bpb(?:\s*[=:]|\s+[-+]?(?:\d|\.\d|nan|inf))", re.I)

@@ -1,4 +1,4 @@
-"""Apply the core's decisions to the ledger: one transaction per decision, exactly once.
+"""Apply the core's decisions to the ledger: one transaction per trial and rung, exactly once.
 
 Each decision's transaction holds everything it changes: the audit row in
 ``gardener_decisions``, the desired state, the trial's rung / seed state / fit columns, and
@@ -6,7 +6,10 @@ for mirrors and replacements the new trials with their EXP_IDs and seeds. The na
 (canon name, rung, action) has a unique index, so the audit insert (last, ``ON CONFLICT DO
 NOTHING``) decides: if the row already exists, this transaction is rolled back and the
 decision counts as applied before; a process killed between any two statements leaves
-either all of a decision or none of it.
+either all of a decision or none of it. The decisions of one trial at one rung (a leader's
+MIRROR and PROMOTE) are applied together by ``apply_group``, each as a savepoint of one
+transaction, so a crash, SIGTERM or pause never leaves one of them written and the other
+lost.
 
 The changes mirror ``gardener.core.decide.apply_to_snapshot`` exactly: HOLD changes nothing
 but its own audit row (logged once per key, ``applied = false``); TRIPWIRE records the event;
@@ -17,7 +20,7 @@ and REPLACE admit the spawned trials (same variant, a fresh seed, the parent's s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -245,6 +248,41 @@ async def apply_decision(
     return Applied(d, Outcome.APPLIED, decision_id, tuple(spawned), tripwire_id)
 
 
+Fence = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+def group_by_trial_rung(decisions: Iterable[Decision]) -> list[list[Decision]]:
+    """The decisions of one trial at one rung, together, in the order each group first
+    appears (a rung leader's MIRROR and PROMOTE both raise its rung: written apart, a crash
+    between them would leave the second never decided again)."""
+    groups: dict[tuple[str, int], list[Decision]] = {}
+    for d in decisions:
+        groups.setdefault((d.canon_name, d.rung), []).append(d)
+    return list(groups.values())
+
+
+async def apply_group(
+    conn: asyncpg.Connection,
+    race: str,
+    account: str,
+    group: Sequence[Decision],
+    *,
+    decided_by: str = "gardener",
+    backend: str = "local",
+    fence: Fence | None = None,
+) -> list[Applied]:
+    """Apply the decisions of one trial at one rung in one transaction: all or none of them.
+    ``fence`` runs first inside it (the daemon's leadership check), so a process that is no
+    longer the leader commits nothing."""
+    async with conn.transaction():
+        if fence is not None:
+            await fence(conn)
+        return [
+            await apply_decision(conn, race, account, d, decided_by=decided_by, backend=backend)
+            for d in group
+        ]
+
+
 async def apply_decisions(
     conn: asyncpg.Connection,
     race: str,
@@ -254,9 +292,11 @@ async def apply_decisions(
     decided_by: str = "gardener",
     backend: str = "local",
 ) -> list[Applied]:
-    """Apply decisions in order, each in its own transaction (the core's order: tripwires,
-    kills and replacements, then rung decisions)."""
-    return [
-        await apply_decision(conn, race, account, d, decided_by=decided_by, backend=backend)
-        for d in decisions
-    ]
+    """Apply decisions in the core's order (tripwires, kills and replacements, then rung
+    decisions), one transaction per trial and rung (``group_by_trial_rung``)."""
+    out: list[Applied] = []
+    for group in group_by_trial_rung(decisions):
+        out += await apply_group(
+            conn, race, account, group, decided_by=decided_by, backend=backend
+        )
+    return out

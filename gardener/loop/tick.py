@@ -37,7 +37,13 @@ from gardener.core.decide import decide
 from gardener.core.rungs import rung_reached
 from gardener.core.types import Action, Decision
 from gardener.ledger import control as ledger_control
-from gardener.ledger.apply import Applied, Outcome, action_key, apply_decision
+from gardener.ledger.apply import (
+    Applied,
+    Outcome,
+    action_key,
+    apply_group,
+    group_by_trial_rung,
+)
 from gardener.ledger.queries import Queries
 from gardener.ledger.snapshot import (
     RaceInfo,
@@ -47,7 +53,8 @@ from gardener.ledger.snapshot import (
     race_config,
 )
 from gardener.loop import metrics
-from gardener.loop.control import LoopState
+from gardener.loop.control import TRANSIENT_DB_ERRORS, LoopState
+from gardener.loop.leader import LeadershipLost
 from gardener.settings import Settings
 
 Q = Queries("loop.sql")
@@ -229,7 +236,9 @@ class Ticker:
                     continue
                 try:
                     await self._decide_race(conn, race, paused, report)
-                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                except TRANSIENT_DB_ERRORS:
+                    raise
+                except LeadershipLost:
                     raise
                 except Exception as exc:  # a bad race must not stop the others
                     metrics.TICK_ERRORS.inc()
@@ -319,24 +328,29 @@ class Ticker:
         report.decided.append(race.name)
         holding = False
         changed = False
-        for d in decisions:
+        fence = self.state.fence if self.state is not None else None
+        # One trial's decisions at one rung commit together (a stop or a pause never falls
+        # between a leader's MIRROR and its PROMOTE).
+        for group in group_by_trial_rung(decisions):
             if self._stopping():
                 break
-            if d.mutates and self._paused_now(paused):
+            if any(d.mutates for d in group) and self._paused_now(paused):
                 holding = True  # paused after the snapshot: it comes back as HOLD next tick
                 continue
             with anyio.CancelScope(shield=True):  # a started transaction is finished
-                result = await apply_decision(
+                results = await apply_group(
                     conn,
                     race.name,
                     race.account,
-                    d,
+                    group,
                     decided_by=self.decided_by,
                     backend=self.backend,
+                    fence=fence,
                 )
-            holding |= d.action is Action.HOLD
-            changed |= result.changed_desired_state
-            self._record(race, result, report)
+            for d, result in zip(group, results, strict=True):
+                holding |= d.action is Action.HOLD
+                changed |= result.changed_desired_state
+                self._record(race, result, report)
         if holding:
             self._holding.add(race.name)
         else:
@@ -400,6 +414,8 @@ class Ticker:
                 continue
             with anyio.CancelScope(shield=True):
                 async with conn.transaction():
+                    if self.state is not None and self.state.fence is not None:
+                        await self.state.fence(conn)
                     if await conn.fetchval(Q.mark_race_done, race.name) is None:
                         continue
                     if race.auto_teardown:
