@@ -26,7 +26,7 @@ from gardener.errors import ConfigError, GardenerError
 from gardener.ledger import db
 from gardener.loop import metrics
 from gardener.loop.control import TRANSIENT_DB_ERRORS, Listener, LoopState
-from gardener.loop.leader import LEADER_LOCK, Leadership
+from gardener.loop.leader import LEADER_LOCK, Leadership, new_holder, session_dsn
 from gardener.loop.reconciler import LineSink, Reconciler
 from gardener.loop.tick import Ticker, TickReport
 from gardener.settings import Settings
@@ -151,7 +151,8 @@ async def serve(
         state = LoopState(stop=stop or anyio.Event())
     elif stop is not None:
         state.stop = stop
-    dsn = dsn or db.resolve_dsn(settings)[0]
+    holder = new_holder()
+    dsn = session_dsn(dsn or db.resolve_dsn(settings)[0], holder)
     factory = backend_factory or default_backend_factory(settings)
     pool = await db.create_pool(dsn, min_size=1, max_size=8)
     writer = make_writer(pool)
@@ -170,7 +171,7 @@ async def serve(
 
             tg.start_soon(relay_stop)
             listener = Listener(dsn, state)
-            leadership = Leadership(dsn, state, key=LEADER_LOCK, pool=pool)
+            leadership = Leadership(dsn, state, key=LEADER_LOCK, pool=pool, holder=holder)
             tg.start_soon(_critical, "listener", state, listener.run)
             tg.start_soon(_critical, "leader", state, leadership.run)
             if http:

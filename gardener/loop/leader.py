@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 from typing import NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -78,14 +79,38 @@ SELECT epoch, holder, backend_pid, deadline IS NOT NULL AND deadline < now() AS 
        extract(epoch FROM now() - renewed_at)::float8 AS age
   FROM gardener_leader
 """
-# The session holding the leader lock (a bigint key is split into classid and objid).
+# Every session of a leader whose lease ran out: the one holding the lock (a bigint key is
+# split into classid and objid) and the others it opened under its application_name (one of
+# them may hold the lease row FOR SHARE in a transaction that will never end by itself).
 _END_HOLDER = """
-SELECT pg_terminate_backend(l.pid)
-  FROM pg_locks l
- WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-   AND l.classid::bigint = ($1::bigint >> 32) AND l.objid::bigint = ($1::bigint & 4294967295)
-   AND l.pid <> pg_backend_pid()
+SELECT pg_terminate_backend(a.pid)
+  FROM pg_stat_activity a
+ WHERE a.pid <> pg_backend_pid()
+   AND (a.pid IN (SELECT l.pid FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                     AND l.classid::bigint = ($1::bigint >> 32)
+                     AND l.objid::bigint = ($1::bigint & 4294967295))
+        OR ($2::text IS NOT NULL AND a.application_name = $2))
 """
+
+
+def new_holder() -> str:
+    """This process's name in the lease and in ``application_name`` (63 bytes at most)."""
+    host = socket.gethostname()[:24]
+    return f"gardener:{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:63]
+
+
+def session_dsn(dsn: str, holder: str) -> str:
+    """``dsn`` with the session settings of a daemon's every connection: its holder name as
+    ``application_name`` (so a successor can end them all) and short TCP keepalives (so the
+    server drops them within seconds of a partition, not hours)."""
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    query.setdefault("application_name", holder)
+    for name, value in KEEPALIVE_SETTINGS.items():
+        if name != "tcp_user_timeout":  # PostgreSQL 12+: set on the lock session only
+            query.setdefault(name, value)
+    return urlunsplit(parts._replace(query=urlencode(query)))
 _FENCE = "SELECT epoch FROM gardener_leader WHERE epoch = $1 FOR SHARE"
 
 
@@ -102,6 +127,7 @@ class Leadership:
         renew_every: float = 2.0,
         ttl: float = 10.0,
         pool: asyncpg.Pool | None = None,
+        holder: str | None = None,
     ) -> None:
         self.dsn = dsn
         self.state = state
@@ -111,7 +137,7 @@ class Leadership:
         self.ttl = ttl
         self.pool = pool  # for still_leader(): a check on its own connection
         self.became_leader = anyio.Event()
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = holder or new_holder()
         self.epoch: int | None = None
         self._valid_until = 0.0  # monotonic: the lease is ours for sure until then
 
@@ -175,7 +201,7 @@ class Leadership:
                 log.warning("leader_gone", holder=row["holder"], epoch=row["epoch"],
                             lease_age_s=round(float(row["age"] or 0), 1))
         if gone:
-            ended = await conn.fetch(_END_HOLDER, self.key)
+            ended = await conn.fetch(_END_HOLDER, self.key, row["holder"])
             if ended:
                 log.warning("leader_session_ended", holder=row["holder"], sessions=len(ended))
 
@@ -192,7 +218,11 @@ class Leadership:
                     got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.key))
                     if got:
                         sent = time.monotonic()
-                        self.epoch = int(await conn.fetchval(_ACQUIRE, self.holder, self.ttl))
+                        # Waits for a deposed leader's fenced transaction to end; one that
+                        # never ends (its session cut off) is ended by the next look.
+                        with anyio.fail_after(self.ttl):
+                            epoch = await conn.fetchval(_ACQUIRE, self.holder, self.ttl)
+                        self.epoch = int(epoch)
                         self._valid_until = sent + self.ttl
                     else:
                         await self._standby_look(conn)
