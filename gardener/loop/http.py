@@ -4,9 +4,9 @@
 (one query), that every migration is applied, and reports the role (leader or standby) in
 JSON; it answers 503 when the database is unreachable or behind, and on a standby whose
 leader is gone (its lease ran out: ``leader_gone``), so a partitioned leader is never
-silent; otherwise a standby stays ready (it serves ingest). /metrics renders the default Prometheus registry: the loop's,
-ingest's and the backends' metrics. uvicorn runs inside the daemon's task group on a socket
-the daemon binds itself, with uvicorn's own signal handling turned off (the daemon owns it).
+silent; otherwise a standby stays ready (it serves ingest). /metrics renders the default
+Prometheus registry: the loop's, ingest's and the backends' metrics. uvicorn runs inside
+the daemon's task group on a socket the daemon binds itself, with uvicorn's own signal handling turned off (the daemon owns it).
 """
 
 from __future__ import annotations

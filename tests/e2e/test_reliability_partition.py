@@ -41,11 +41,22 @@ def recording(dsn: str, tmp: Path, name: str, calls_path: Path) -> Daemon:
                                                   "GARDENER_POLL_INTERVAL": "0.3"})
 
 
+async def until(check: Any, within: float) -> None:
+    """Poll an HTTP answer or a file another process writes until ``check()`` holds."""
+    with anyio.fail_after(within):
+        while not await check():  # noqa: ASYNC110 (another process changes it)
+            await anyio.sleep(0.1)
+
+
 async def role_of(port: int) -> dict[str, Any]:
     try:
         return await readyz(port)
     except httpx.HTTPError:
         return {}
+
+
+async def _is(port: int, role: str) -> bool:
+    return (await role_of(port)).get("role") == role
 
 
 @pytest.mark.slow
@@ -63,17 +74,16 @@ async def test_a_partitioned_leader_is_replaced_within_30_s_and_calls_nothing_af
     b: Daemon | None = None
     try:
         port_a = await a.port()
-        with anyio.fail_after(30):
-            while (await role_of(port_a)).get("role") != "leader":
-                await anyio.sleep(0.1)
+        await until(lambda: _is(port_a, "leader"), 30)
         b = recording(db_dsn, tmp_path, "b", calls_path).start()
         port_b = await b.port()
-        with anyio.fail_after(30):
-            while (await role_of(port_b)).get("role") != "standby":
-                await anyio.sleep(0.1)
-        with anyio.fail_after(30):
-            while not any(c["pid"] == a.proc.pid for c in calls(calls_path)):  # type: ignore[union-attr]
-                await anyio.sleep(0.1)
+        await until(lambda: _is(port_b, "standby"), 30)
+        pid_a = a.proc.pid if a.proc else -1
+
+        async def a_called() -> bool:
+            return any(c["pid"] == pid_a for c in calls(calls_path))
+
+        await until(a_called, 30)
         before = await role_of(port_b)
         assert before["ready"] and not before["leader_gone"]
 
@@ -110,8 +120,9 @@ async def test_a_partitioned_leader_is_replaced_within_30_s_and_calls_nothing_af
     assert saw_gone is not None and saw_gone["ready"] is False, saw_gone
     assert gone_metric
     assert a.proc is not None and b.proc is not None
-    old_after = [c for c in all_calls if c["pid"] == a.proc.pid and c["t"] >= leads_from.timestamp()]
-    new_after = [c for c in all_calls if c["pid"] == b.proc.pid and c["t"] >= leads_from.timestamp()]
+    since = leads_from.timestamp()
+    old_after = [c for c in all_calls if c["pid"] == a.proc.pid and c["t"] >= since]
+    new_after = [c for c in all_calls if c["pid"] == b.proc.pid and c["t"] >= since]
     assert old_after == [], old_after[:5]
     assert new_after, "the new leader should drive the platform"
     print(json.dumps({"took_over_s": round(took_over, 2), "old_calls_after": len(old_after),
