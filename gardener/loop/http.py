@@ -6,7 +6,8 @@ JSON; it answers 503 when the database is unreachable or behind, and on a standb
 leader is gone (its lease ran out: ``leader_gone``), so a partitioned leader is never
 silent; otherwise a standby stays ready (it serves ingest). /metrics renders the default
 Prometheus registry: the loop's, ingest's and the backends' metrics. uvicorn runs inside
-the daemon's task group on a socket the daemon binds itself, with uvicorn's own signal handling turned off (the daemon owns it).
+the daemon's task group on a socket the daemon binds itself, with uvicorn's own signal
+handling turned off (the daemon owns it).
 """
 
 from __future__ import annotations
