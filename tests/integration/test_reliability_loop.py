@@ -320,3 +320,70 @@ def test_exceptions_are_json_fields_and_secrets_are_masked_in_them(
         assert isinstance(e["exception"], list) and e["exception"][0]["exc_type"]
     assert "rw-live-token-4242" not in text and "hunter22" not in text
 
+
+
+@pytest.mark.parametrize("interruption", ["pause", "connection_lost"])
+async def test_an_interruption_inside_a_rungs_decisions_ends_as_if_it_never_happened(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+    interruption: str,
+) -> None:
+    """Two identical races; in one, the loop is paused (or loses its connection) right after
+    the first decision of a rung, then restarts. It must end with the same actions as the
+    other: the chaos harness found a rung's KEEPs committed without its PRUNE (paused in
+    between), which no later decide made again."""
+    from gardener.ledger import apply as apply_mod
+
+    from bench.chaos import RUNGS as CHAOS_RUNGS
+    from bench.chaos import recorded_trials
+    from gardener.core import canon
+
+    stream = recorded_trials(16)
+    races: dict[str, list[str]] = {}
+    for k, race in enumerate(("r-clean", "r-hurt")):
+        await trials.ensure_race(conn, race, "acc1", horizon=CHAOS_RUNGS[-1],
+                                 config={"rungs": CHAOS_RUNGS})
+        races[race] = await trials.admit(conn, race, "acc1", [
+            trials.Admission(canon.CanonName("HYBRID", "FP32", ("WSD",), 3000 + 100 * k + i,
+                                             3000 + 100 * k + i), steps=CHAOS_RUNGS[-1])
+            for i in range(len(stream))
+        ])
+    clean, hurt = races["r-clean"], races["r-hurt"]
+    settings = Settings(account="acc1", poll_interval=0.2)
+    real = apply_mod.apply_decision
+    low = 0
+    for upto in CHAOS_RUNGS[:3]:
+        for names in (clean, hurt):
+            for name, t in zip(names, stream, strict=True):
+                await add_samples(conn, name, [(st, b) for st, b in t.curve if low < st <= upto])
+        low = upto
+        state = _state()
+        seen = 0
+
+        async def interrupt(c: asyncpg.Connection, race: str, *a: Any, **k: Any) -> Any:
+            nonlocal seen
+            if race == "r-hurt":
+                seen += 1
+                if seen == 2 and interruption == "connection_lost":
+                    raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+            out = await real(c, race, *a, **k)
+            if race == "r-hurt" and seen == 1 and interruption == "pause":
+                state.paused = True
+            return out
+
+        monkeypatch.setattr(apply_mod, "apply_decision", interrupt)
+        try:
+            await Ticker(pool, settings, state=state, account="acc1").tick()
+        except asyncpg.ConnectionDoesNotExistError:
+            pass
+        monkeypatch.setattr(apply_mod, "apply_decision", real)
+        await Ticker(pool, settings, state=_state(), account="acc1").tick()
+
+    async def actions(names: list[str]) -> list[tuple[int, int, str]]:
+        rows = await conn.fetch(
+            "SELECT canon_name, rung, action FROM gardener_decisions WHERE applied "
+            "AND canon_name = ANY($1::text[])", names)
+        return sorted((names.index(r["canon_name"]), r["rung"], r["action"]) for r in rows)
+
+    done = await actions(clean)
+    assert any(a == "prune" for _, _, a in done), done
+    assert await actions(hurt) == done
