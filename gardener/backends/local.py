@@ -1,7 +1,8 @@
 """The local backend: one subprocess per trial, in its own process group, state on disk.
 
-Each trial runs ``/bin/sh -c '"$@"; echo $? > EXIT' EXIT <command...>`` with the spec's
-variables (ownership marker included) in its environment, in a new session (so its process
+Each trial runs ``/bin/sh -c '"$@"; echo $? > EXIT' EXIT <command...>`` with an allowlisted
+environment (``trainer_env``: the spec's variables, ownership marker included, and nothing of
+the gardener's secrets), in a new session (so its process
 group can be killed as a whole), stdout and stderr appended to ``<short>.log``. The record
 ``<data_dir>/local/<short>.json`` holds pid, pgid, the kernel start time of the pid, the
 canon name, the account, restarts and paths, so that after a gardener restart a live trial is
@@ -41,6 +42,7 @@ from gardener.backends.base import (
     check_account,
 )
 from gardener.backends.railway.names import service_name
+from gardener.backends.railway.templates import INGEST_TOKEN_VAR, INGEST_URL_VAR
 
 log = structlog.get_logger("gardener.backends.local")
 
@@ -109,6 +111,28 @@ def _pids_with_nonce(nonce: str) -> list[int]:
             except OSError:
                 continue
     return sorted(found)
+
+
+# What a trainer inherits from the gardener's environment: how to run a program, never a
+# credential or the gardener's own settings.
+_INHERITED = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+     "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "XDG_RUNTIME_DIR"}
+)
+
+
+def _inherited(name: str) -> bool:
+    return name in _INHERITED or name.startswith("LC_")
+
+
+def _secret_name(name: str) -> bool:
+    """A variable the gardener never hands to a trainer, whatever a trial row stores."""
+    upper = name.upper()
+    return (
+        upper.startswith(("RAILWAY_TOKEN", "GARDENER_INGEST_TOKEN_", "DATABASE_URL", "PG"))
+        or upper in ("GARDENER_DATABASE_URL",)
+    )
 
 
 def _read_from(path: str, offset: int) -> bytes:
@@ -283,6 +307,21 @@ class LocalBackend:
         self._spawn(rec, spec)
         return EnsureOutcome.RESTARTED
 
+    def trainer_env(self, spec: ServiceSpec) -> dict[str, str]:
+        """A trainer's whole environment: what a process needs to run at all (PATH, locale,
+        temporary directory, Python's own), the spec's variables (its ``TRAIN_*`` and the
+        ownership marker) and, when it posts to ``GARDENER_INGEST_URL``, its own account's
+        ingest token. Nothing else of the gardener's: no other account's token, no database
+        URL, no Railway token (a trainer could read them from ``/proc/<pid>/environ``)."""
+        env = {k: v for k, v in self.base_env.items() if _inherited(k)}
+        variables = spec.all_variables()
+        env.update({k: v for k, v in variables.items() if not _secret_name(k)})
+        if INGEST_URL_VAR in variables:
+            token = self.base_env.get(f"GARDENER_INGEST_TOKEN_{spec.account.upper()}")
+            if token:
+                env[INGEST_TOKEN_VAR] = token
+        return env
+
     def _spawn(self, rec: ProcessRecord, spec: ServiceSpec) -> None:
         command = spec.command or self.default_command
         rec.nonce = uuid.uuid4().hex
@@ -291,7 +330,7 @@ class LocalBackend:
         rec.failed = False
         Path(rec.exit_path).unlink(missing_ok=True)
         self._save(rec)  # before the spawn: a crash in between is found again by the nonce
-        env = {**self.base_env, **spec.all_variables(), NONCE_VAR: rec.nonce}
+        env = {**self.trainer_env(spec), NONCE_VAR: rec.nonce}
         with open(rec.log_path, "ab") as out:
             child = subprocess.Popen(
                 ["/bin/sh", "-c", _WRAPPER, rec.exit_path, *command],
@@ -374,13 +413,14 @@ class LocalBackend:
         offset = int(cursor) if cursor else 0
         data = _read_from(rec.log_path, offset)
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        out = []
-        for raw in data.splitlines(keepends=True):
-            if not raw.endswith(b"\n"):
-                break
-            offset += len(raw)
-            text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-            out.append(LogLine(canon_name, text, now, str(offset)))
+        out: list[LogLine] = []
+        # Only "\n" ends a line (bytes.splitlines would also split on "\r", "\x0b", "\x1c"...
+        # and a progress bar's bare "\r" would then hold the tail still for good); the
+        # pieces of a line that a "\r" redrew are handed over one by one.
+        for raw in data.split(b"\n")[:-1]:
+            offset += len(raw) + 1
+            pieces = [p for p in raw.decode("utf-8", "replace").split("\r") if p] or [""]
+            out.extend(LogLine(canon_name, text, now, str(offset)) for text in pieces)
         return out
 
     async def logs(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -197,6 +197,7 @@ class ReconcileReport:
     deferred: list[str] = field(default_factory=list)  # over this pass's step budget
     budget_exhausted: bool = False
     observe_error: str | None = None
+    halted: bool = False  # may_act said no (paused, or no longer the leader): steps deferred
 
     @property
     def errors(self) -> list[StepResult]:
@@ -215,6 +216,7 @@ class ReconcileReport:
             "conflicts": len(self.conflicts), "adopted": len(self.adopted),
             "restarted": len(self.restarted), "backing_off": len(self.backing_off),
             "deferred": len(self.deferred), "budget_exhausted": self.budget_exhausted,
+            "halted": self.halted,
             "converged": self.converged,
         }
 
@@ -228,8 +230,13 @@ async def reconcile_once(
     backoff: Backoff | None = None,
     clock: Callable[[], float] = time.monotonic,
     concurrency: int = 4,
+    may_act: Callable[[], Awaitable[bool]] | None = None,
 ) -> ReconcileReport:
     """One pass: observe once, plan, take at most ``budget`` acting steps (None: all).
+
+    ``may_act`` is asked right before every mutating platform call (the daemon's: not
+    paused, still the leader); when it says no, that step and every later one is deferred,
+    so a pause or a lost leadership stops a pass already under way.
 
     A temporary error backs the service off (``retry_after`` honoured); a spent request
     budget stops the pass; a permanent error is reported and the service waits the longest
@@ -275,9 +282,15 @@ async def reconcile_once(
     stop_event = asyncio.Event()
     gate = asyncio.Semaphore(max(1, concurrency))
 
+    halted = asyncio.Event()
+
     async def run(step: Step) -> None:
         async with gate:
-            if stop_event.is_set():
+            if stop_event.is_set() or halted.is_set():
+                report.deferred.append(step.canon_name)
+                return
+            if may_act is not None and not await may_act():
+                halted.set()
                 report.deferred.append(step.canon_name)
                 return
             result = await _run_step(step, backend, backoff, clock, stop_event)
@@ -294,6 +307,7 @@ async def reconcile_once(
         for step in todo:
             tg.create_task(run(step))
     report.budget_exhausted = report.budget_exhausted or stop_event.is_set()
+    report.halted = halted.is_set()
     log.info("reconcile_pass", **report.summary())
     return report
 

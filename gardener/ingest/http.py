@@ -10,9 +10,10 @@ Body (JSON object), either or both of:
   ``{"canon_name": ..., "lines": ["step=10 BPB=2.3456", ...]}``
 Answers: 200 with one result per item (``accepted``, ``duplicate``, ``rejected`` with code
 and reason, ``corpus``, ``done``, ``ignored``) and the counts; 400 for a body that is not
-that shape; 401 for a missing or unknown token; 413 for more than ``max_items`` items or
-``max_body`` bytes; 503 when the ledger cannot be written (retry: a re-sent sample already stored
-comes back ``duplicate``).
+that shape; 401 for a missing or unknown token; 408 for a body not received within
+``body_timeout`` seconds (a stalled client does not hold a request open forever); 413 for
+more than ``max_items`` items or ``max_body`` bytes; 503 when the ledger cannot be written
+(retry: a re-sent sample already stored comes back ``duplicate``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gardener.settings import Settings
 
 MAX_ITEMS = 10_000
 MAX_BODY = 8 * 1024 * 1024
+BODY_TIMEOUT = 30.0  # seconds for the whole body: a client that stalls is answered 408
 SOURCE = "http"
 log = structlog.get_logger("gardener.ingest.http")
 
@@ -74,17 +76,21 @@ def _authenticate(request: Request, tokens: dict[bytes, str]) -> str | None:
     return found
 
 
-async def _read_body(request: Request, max_body: int) -> bytes:
+async def _read_body(request: Request, max_body: int, within: float = BODY_TIMEOUT) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise _BadRequest(413, f"body of {declared} bytes is over the {max_body} byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body:
-            raise _BadRequest(413, f"body is over the {max_body} byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise _BadRequest(413, f"body is over the {max_body} byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _BadRequest(408, f"body not received within {within:g} s") from None
     return b"".join(chunks)
 
 
@@ -125,6 +131,7 @@ def routes(
     *,
     max_items: int = MAX_ITEMS,
     max_body: int = MAX_BODY,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> list[Route]:
     """The ingest routes for the daemon's Starlette app."""
     tokens = token_map(settings)
@@ -142,9 +149,11 @@ def routes(
                 headers={"WWW-Authenticate": 'Bearer realm="gardener"'},
             )
         try:
-            samples, name, lines = _shape(await _read_body(request, max_body), max_items)
+            body = await _read_body(request, max_body, body_timeout)
+            samples, name, lines = _shape(body, max_items)
         except _BadRequest as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            close = {"Connection": "close"} if exc.status in (408, 413) else None
+            return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=close)
         except ClientDisconnect:
             return JSONResponse({"error": "client went away"}, status_code=400)
         calls = []

@@ -46,17 +46,24 @@ CORPUS_FORMAT = "corpus_format"
 DONE_FORMAT = "done_format"
 BAD_ITEM = "bad_item"
 TS_FORMAT = "ts_format"
+SEPARATOR = "separator"
 # Decided by the writer against the ledger.
 STEP_CONFLICT = "step_conflict"
 UNKNOWN_TRIAL = "unknown_trial"
 CROSS_ACCOUNT = "cross_account"
 
 L_R8 = re.compile(r"\d\.\d{4}", re.ASCII)  # the value part of ^BPB=\d\.\d{4}$, used with fullmatch
-_FAST = re.compile(r"step=(\d{1,10}) BPB=(\d\.\d{4})", re.ASCII)  # the trainer's own line, exactly
+# The trainer's own line, exactly.
+_FAST = re.compile(r"step=(0|[1-9]\d{0,9}) BPB=(\d\.\d{4})", re.ASCII)
 # "bpb" then "=" or ":", or then a number after a space ("val BPB 2.3456"): a sample, or a
 # broken one. "computing bpb on the validation set" is not.
 _LOOKS_LIKE_BPB = re.compile(r"bpb(?:\s*[=:]|\s+[-+]?(?:\d|\.\d|nan|inf))", re.I)
-_STEP_VALUE = re.compile(r"-?\d+", re.ASCII)
+_STEP_VALUE = re.compile(r"0|-?[1-9]\d*", re.ASCII)  # no "-0", no leading zeros
+# Tokens are separated by spaces and tabs only: any other whitespace or control character
+# (NBSP, U+3000, \x1c..\x1f, a bare \r) in a line that looks like a sample is refused, since
+# str.split() would quietly treat it as a separator.
+_BAD_SEPARATOR = re.compile(r"[^\S \t]|[\x00-\x08\x0e-\x1f\x7f]")
+_KEY = re.compile(r"(?:^|[ \t])(step|bpb)=", re.I | re.ASCII)
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DONE = re.compile(r"DONE:\s*(.*)")
 
@@ -145,12 +152,22 @@ def parse_line(line: str) -> Parsed:
 
 
 def _tokens(line: str, key: str) -> list[str]:
-    """Values of the whitespace-separated ``key=value`` tokens with exactly this key."""
+    """Values of the space- or tab-separated ``key=value`` tokens with exactly this key."""
     prefix = key + "="
-    return [t[len(prefix) :] for t in line.split() if t.startswith(prefix)]
+    return [t[len(prefix) :] for t in re.split(r"[ \t]+", line) if t.startswith(prefix)]
 
 
 def _parse_sample(line: str) -> Sample | Rejected:
+    bad_sep = _BAD_SEPARATOR.search(line)
+    if bad_sep is not None:
+        return reject(
+            line, SEPARATOR, f"{bad_sep.group()!r} in a sample line; tokens are separated by "
+            "spaces or tabs only"
+        )
+    keys = [k.lower() for k in _KEY.findall(line)]
+    for key, label in (("bpb", "BPB"), ("step", "step")):
+        if keys.count(key) > 1:
+            return reject(line, DUPLICATE_TOKEN, f"{keys.count(key)} {label} tokens in one line")
     bpbs = _tokens(line, "BPB")
     if not bpbs:
         found = _LOOKS_LIKE_BPB.search(line)
@@ -241,10 +258,8 @@ def parse_structured(item: Any) -> tuple[str | None, Sample | Rejected]:
             and type(value) is float
             and 0.0 <= value < MAX_BPB
         ):
-            scaled = value * 10_000
-            units = round(scaled)
-            if abs(scaled - units) <= 1e-6 * max(1.0, scaled) and check_sample(step, value) is None:
-                return name, Sample(step, units / 10_000, "", None, item)
+            if round(value, 4) == value and check_sample(step, value) is None:
+                return name, Sample(step, value, "", None, item)
 
     def bad(code: str, detail: str) -> Rejected:
         return reject(_raw_json(item), code, detail)
@@ -271,10 +286,10 @@ def parse_structured(item: Any) -> tuple[str | None, Sample | Rejected]:
         if math.isfinite(bpb) and bpb >= 0:
             if bpb >= MAX_BPB:
                 return name, bad(BPB_RANGE, f"BPB {bpb} not below {MAX_BPB:g} (L-R8)")
-            scaled = bpb * 10_000
-            if abs(scaled - round(scaled)) > 1e-6 * max(1.0, scaled):
+            # Exactly four decimals or fewer: 2.000001 or a denormal such as 5e-324 is refused,
+            # never rounded (5e-324 rounded is 0.0, which would fire the leak tripwire).
+            if round(bpb, 4) != bpb:
                 return name, bad(BPB_PRECISION, f"BPB {bpb!r} has more than 4 decimals")
-            bpb = round(bpb, 4)
     else:
         return name, bad(BPB_FORMAT, f"bpb must be a number or string, got {_short(value)}")
     why = check_sample(step, bpb)
@@ -287,7 +302,11 @@ def parse_structured(item: Any) -> tuple[str | None, Sample | Rejected]:
     if ts_value is not None:
         ts = _parse_ts(ts_value)
         if ts is None:
-            return name, bad(TS_FORMAT, f"ts {_short(ts_value)} is not ISO 8601 or epoch")
+            return name, bad(
+                TS_FORMAT,
+                f"ts {_short(ts_value)} is not an ISO 8601 time or epoch seconds within "
+                "the years 1..9999 in UTC",
+            )
     return name, Sample(step, bpb, "", ts, item)
 
 
@@ -301,7 +320,9 @@ def _parse_ts(value: Any) -> datetime | None:
             return datetime.fromtimestamp(value, UTC)
         if isinstance(value, str):
             ts = datetime.fromisoformat(value)
-            return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+            # In UTC now, as the database stores it: 0001-01-01T00:00:00+14:00 has no UTC time
+            # in Python's range, and must be refused here rather than fail a whole batch.
+            return ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
     except (ValueError, OverflowError, OSError):
         return None
     return None

@@ -237,6 +237,13 @@ class SampleWriter:
         try:
             results = await self._write(batch)
         except Exception as exc:  # the callers get the error; the writer lives on
+            if len(jobs) > 1 and not _connection_error(exc):
+                # Something in one call's items broke the statement (input no check foresaw):
+                # write each call alone, so it fails only its own caller, never the others.
+                log.error("ingest.batch_failed_isolating", error=str(exc), jobs=len(jobs))
+                for job in jobs:
+                    await self._write_jobs(build([job], self._trials))
+                return
             log.error("ingest.batch_failed", error=str(exc), jobs=len(jobs))
             _fail(jobs, exc)
         else:
@@ -420,6 +427,16 @@ def _fail(jobs: list[Job], exc: BaseException) -> None:
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(exc)
+
+
+def _connection_error(exc: BaseException) -> bool:
+    """An error of the connection rather than of the data: every call would fail alike."""
+    return isinstance(
+        exc,
+        (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+         asyncpg.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
+         TimeoutError),
+    )
 
 
 def _storable(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Apply the core's decisions to the ledger: one transaction per decision, exactly once.
+"""Apply the core's decisions to the ledger: all of one decide at once, exactly once.
 
 Each decision's transaction holds everything it changes: the audit row in
 ``gardener_decisions``, the desired state, the trial's rung / seed state / fit columns, and
@@ -6,7 +6,12 @@ for mirrors and replacements the new trials with their EXP_IDs and seeds. The na
 (canon name, rung, action) has a unique index, so the audit insert (last, ``ON CONFLICT DO
 NOTHING``) decides: if the row already exists, this transaction is rolled back and the
 decision counts as applied before; a process killed between any two statements leaves
-either all of a decision or none of it.
+either all of a decision or none of it. Decisions that belong together are applied by
+``apply_group``, each as a savepoint of one transaction: the loop passes all of one race's
+decide (a rung's ranking is one outcome: half of it written, the rest would be re-decided
+on a cohort that no longer includes the trials already moved on), so a crash, SIGTERM or
+pause never leaves a leader's MIRROR without its PROMOTE or a rung's KEEPs without its
+PRUNEs.
 
 The changes mirror ``gardener.core.decide.apply_to_snapshot`` exactly: HOLD changes nothing
 but its own audit row (logged once per key, ``applied = false``); TRIPWIRE records the event;
@@ -17,7 +22,7 @@ and REPLACE admit the spawned trials (same variant, a fresh seed, the parent's s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -245,6 +250,46 @@ async def apply_decision(
     return Applied(d, Outcome.APPLIED, decision_id, tuple(spawned), tripwire_id)
 
 
+Fence = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+def group_by_trial_rung(decisions: Iterable[Decision]) -> list[list[Decision]]:
+    """The decisions of one trial at one rung, together, in the order each group first
+    appears (a rung leader's MIRROR and PROMOTE both raise its rung: written apart, a crash
+    between them would leave the second never decided again)."""
+    groups: dict[tuple[str, int], list[Decision]] = {}
+    for d in decisions:
+        groups.setdefault((d.canon_name, d.rung), []).append(d)
+    return list(groups.values())
+
+
+async def apply_group(
+    conn: asyncpg.Connection,
+    race: str,
+    account: str,
+    group: Sequence[Decision],
+    *,
+    decided_by: str = "gardener",
+    backend: str = "local",
+    fence: Fence | None = None,
+) -> list[Applied]:
+    """Apply decisions in one transaction, in order: all or none of them (the loop passes
+    one decide's decisions of a race; ``apply_decisions`` one trial's at one rung). ``fence``
+    runs first inside it (the daemon's leadership check), so a process that is no longer the
+    leader commits nothing. The trial rows are locked first, in name order, as the ingest
+    writer locks them, so the two never deadlock."""
+    async with conn.transaction():
+        if fence is not None:
+            await fence(conn)
+        names = sorted({d.canon_name for d in group if d.action is not Action.HOLD})
+        if len(names) > 1:
+            await conn.execute(Q.lock_trials_in_order, names)
+        return [
+            await apply_decision(conn, race, account, d, decided_by=decided_by, backend=backend)
+            for d in group
+        ]
+
+
 async def apply_decisions(
     conn: asyncpg.Connection,
     race: str,
@@ -254,9 +299,11 @@ async def apply_decisions(
     decided_by: str = "gardener",
     backend: str = "local",
 ) -> list[Applied]:
-    """Apply decisions in order, each in its own transaction (the core's order: tripwires,
-    kills and replacements, then rung decisions)."""
-    return [
-        await apply_decision(conn, race, account, d, decided_by=decided_by, backend=backend)
-        for d in decisions
-    ]
+    """Apply decisions in the core's order (tripwires, kills and replacements, then rung
+    decisions), one transaction per trial and rung (``group_by_trial_rung``)."""
+    out: list[Applied] = []
+    for group in group_by_trial_rung(decisions):
+        out += await apply_group(
+            conn, race, account, group, decided_by=decided_by, backend=backend
+        )
+    return out

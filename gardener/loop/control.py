@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,15 @@ from gardener.ledger.control import CONTROL_CHANNEL
 from gardener.loop import metrics
 
 SAMPLES_CHANNEL = "gardener_samples"
+# Errors of the connection, not of the statement: a blip to wait out, never a reason to die.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown, not yet up
+)
 DESIRED_CHANNEL = "gardener_desired"  # igla_race_trials.desired_state changed (0003_loop.sql)
 log = structlog.get_logger("gardener.loop.control")  # lazy: resolved after logs.configure
 
@@ -68,6 +77,12 @@ class LoopState:
     last_reconcile_at: float | None = None
     http_port: int | None = None
     started_at: float = field(default_factory=time.time)
+    # Set by the leadership while leading: run first in every mutating transaction, it raises
+    # LeadershipLost unless this process still holds the leadership (a fencing token).
+    fence: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+    # Asked right before every mutating platform call: still the leader, right now.
+    still_leader: Callable[[], Awaitable[bool]] | None = None
+    leader_gone: bool = False  # a standby sees the leader's lease run out
 
     def set_paused(self, paused: bool, reason: str | None, by: str | None, source: str) -> None:
         """Record the flag; log and wake everyone when it changed."""

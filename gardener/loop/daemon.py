@@ -24,8 +24,9 @@ import structlog
 from gardener.backends.base import Backend
 from gardener.errors import ConfigError, GardenerError
 from gardener.ledger import db
-from gardener.loop.control import Listener, LoopState
-from gardener.loop.leader import LEADER_LOCK, Leadership
+from gardener.loop import metrics
+from gardener.loop.control import TRANSIENT_DB_ERRORS, Listener, LoopState
+from gardener.loop.leader import LEADER_LOCK, Leadership, new_holder, session_dsn
 from gardener.loop.reconciler import LineSink, Reconciler
 from gardener.loop.tick import Ticker, TickReport
 from gardener.settings import Settings
@@ -36,7 +37,7 @@ BackendFactory = Callable[[str], Backend]
 GRACE_S = 6.0  # of the 10 s a platform gives between SIGTERM and SIGKILL
 CLOSE_S = 2.0
 MAX_DB_FAILURES = 30  # consecutive failed ticks (about a minute) before the loop gives up
-DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+DB_ERRORS = TRANSIENT_DB_ERRORS  # a blip: the tick is tried again, the daemon lives on
 
 
 class TaskDied(GardenerError):
@@ -119,7 +120,9 @@ async def tick_loop(ticker: Ticker, state: LoopState, poll_interval: float) -> N
             failures = 0
         except DB_ERRORS as exc:
             failures += 1
-            log.warning("tick_failed", error=str(exc) or type(exc).__name__, failures=failures)
+            metrics.DB_BLIPS.inc()
+            log.warning("tick_failed", error=str(exc) or type(exc).__name__,
+                        error_type=type(exc).__name__, failures=failures)
             if failures >= MAX_DB_FAILURES:
                 raise
             with anyio.move_on_after(min(failures, 5)):
@@ -148,7 +151,8 @@ async def serve(
         state = LoopState(stop=stop or anyio.Event())
     elif stop is not None:
         state.stop = stop
-    dsn = dsn or db.resolve_dsn(settings)[0]
+    holder = new_holder()
+    dsn = session_dsn(dsn or db.resolve_dsn(settings)[0], holder)
     factory = backend_factory or default_backend_factory(settings)
     pool = await db.create_pool(dsn, min_size=1, max_size=8)
     writer = make_writer(pool)
@@ -167,7 +171,7 @@ async def serve(
 
             tg.start_soon(relay_stop)
             listener = Listener(dsn, state)
-            leadership = Leadership(dsn, state, key=LEADER_LOCK)
+            leadership = Leadership(dsn, state, key=LEADER_LOCK, pool=pool, holder=holder)
             tg.start_soon(_critical, "listener", state, listener.run)
             tg.start_soon(_critical, "leader", state, leadership.run)
             if http:

@@ -2,10 +2,12 @@
 
 /healthz says the process is alive (the event loop answers). /readyz checks the database
 (one query), that every migration is applied, and reports the role (leader or standby) in
-JSON; it answers 503 only when the database is unreachable or behind, so a standby stays
-ready (it serves ingest). /metrics renders the default Prometheus registry: the loop's,
-ingest's and the backends' metrics. uvicorn runs inside the daemon's task group on a socket
-the daemon binds itself, with uvicorn's own signal handling turned off (the daemon owns it).
+JSON; it answers 503 when the database is unreachable or behind, and on a standby whose
+leader is gone (its lease ran out: ``leader_gone``), so a partitioned leader is never
+silent; otherwise a standby stays ready (it serves ingest). /metrics renders the default
+Prometheus registry: the loop's, ingest's and the backends' metrics. uvicorn runs inside
+the daemon's task group on a socket the daemon binds itself, with uvicorn's own signal
+handling turned off (the daemon owns it).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def make_app(
     async def readyz(_: Request) -> JSONResponse:
         body: dict[str, Any] = {
             "role": state.role,
+            "leader_gone": state.leader_gone,
             "paused": state.paused,
             "last_tick_at": state.last_tick_at,
             "last_reconcile_at": state.last_reconcile_at,
@@ -73,8 +76,10 @@ def make_app(
         except Exception as exc:  # any failure here means not ready; say which
             body |= {"ready": False, "database": f"unreachable: {type(exc).__name__}"}
             return JSONResponse(body, status_code=503)
-        ready = not pending and state.role in ("leader", "standby")
+        ready = not pending and state.role in ("leader", "standby") and not state.leader_gone
         body |= {"ready": ready, "database": "ok", "pending_migrations": pending}
+        if state.leader_gone:
+            body["reason"] = "standby: the leader's lease ran out; taking over"
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_: Request) -> Response:

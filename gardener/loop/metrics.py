@@ -41,3 +41,30 @@ RECONCILE_SECONDS = Histogram(
 LOG_LINES = Counter(
     "gardener_backend_log_lines", "Service log lines handed to the ingest writer.", ["backend"]
 )
+LEADER_GONE = Gauge(
+    "gardener_leader_gone",
+    "1 on a standby while the leader's lease has run out (the leader is gone or cut off).",
+)
+LEASE_AGE = Gauge(
+    "gardener_leader_lease_age_seconds",
+    "Seconds since the leader last renewed its lease, as a standby sees it.",
+)
+FENCED = Counter(
+    "gardener_fenced",
+    "Mutations refused because this process no longer holds the leadership, by kind.",
+    ["kind"],
+)
+ACCOUNT_FAILING = Gauge(
+    "gardener_account_failing",
+    "1 while an account's backend fails (bad token, outage); its retries slow down.",
+    ["account"],
+)
+ACCOUNT_ERRORS = Counter(
+    "gardener_account_errors",
+    "Reconcile passes of one account that failed, by account and error type.",
+    ["account", "error"],
+)
+DB_BLIPS = Counter(
+    "gardener_db_blips",
+    "Ticks that met a temporary database error (connection lost, client error) and retried.",
+)

@@ -6,9 +6,14 @@ the trial's stored variables on top, its identity last; a Railway trial through 
 template), calls ``reconcile_once`` per account, and writes ``observed_state`` /
 ``service_id`` / ``deployment_id`` back (only what changed; a finished state only once the
 service's log was read to its end, so a race never ends before its last samples are in).
-While paused it only observes: no create, stop or remove. The log pump tails the services
-and hands the lines to the ingest writer; cursors live in memory, so after a restart logs
-are read again from the start and the writer's unique key makes the re-delivery a no-op.
+While paused it only observes: no create, stop or remove, and the flag (with the leadership)
+is asked again right before every platform call, so a pass under way stops at once. One
+account's failure (a bad token, an outage) is that account's alone: logged, counted in
+``gardener_account_errors`` / ``gardener_account_failing``, and retried slowly while the others
+go on. The log pump tails the services and hands the lines to the ingest writer; the cursors
+of backends that pay for a read (Railway) are persisted in ``log_cursors``, so a restart
+resumes them; a local log is read again from its start and the writer's unique key makes the
+re-delivery a no-op.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ import structlog
 
 from gardener.backends.base import (
     Backend,
+    BackendError,
+    LogLine,
     PermanentBackendError,
     ServiceSpec,
     ServiceState,
     Status,
+    TemporaryBackendError,
 )
 from gardener.backends.railway.templates import Templates, load_templates, trainer_spec
 from gardener.backends.reconcile import Backoff, ReconcileReport, reconcile_once
@@ -40,11 +48,13 @@ from gardener.errors import GardenerError
 from gardener.ledger.apply import IDENTITY_VARIABLES
 from gardener.ledger.queries import Queries
 from gardener.loop import metrics
-from gardener.loop.control import LoopState
+from gardener.loop.control import TRANSIENT_DB_ERRORS, LoopState
+from gardener.loop.leader import LeadershipLost
 from gardener.settings import Settings
 from gardener.trainer.spec import ModelsConfig, load_models_config, trainer_variables
 
 Q = Queries("loop.sql")
+QC = Queries("cursors.sql")
 log = structlog.get_logger("gardener.loop.reconciler")  # lazy: resolved after logs.configure
 
 # Backend statuses after which a service writes no more log lines.
@@ -54,6 +64,10 @@ _STARTED = frozenset({"created", "deployed", "restarted"})
 # there should also POST their samples to /v1/samples).
 RAILWAY_LOG_INTERVAL = 30.0
 RAILWAY_MAX_LOG_INTERVAL = 300.0
+
+
+class AccountUnavailable(BackendError):
+    """An account's backend could not even be observed: that account is backed off."""
 
 
 class LineSink(Protocol):
@@ -135,7 +149,11 @@ class Reconciler:
         self.log_interval = log_interval
         self.clock = clock
         self.backoffs = {acc: Backoff() for acc in backends}
+        # A failing account (a bad token, an outage) is tried again slowly: 30 s doubling to
+        # 10 minutes, while the other accounts go on every pass.
+        self.account_backoff = Backoff(base=30.0, cap=600.0)
         self.cursors: dict[str, str | None] = {}
+        self._cursors_loaded = False
         self.drained: set[str] = set()  # services in a final state whose log was read to the end
         self.known: dict[str, tuple[str, Status]] = {}  # canon_name -> (account, status)
         self._specs: dict[tuple[Any, ...], ServiceSpec] = {}
@@ -163,28 +181,65 @@ class Reconciler:
             if r["account"] in by_account:
                 by_account[r["account"]].append(r)
         reports: dict[str, ReconcileReport | None] = {}
+        now = self.clock()
         for acc, backend in self.backends.items():
             if self.state.stop.is_set():
                 break
-            mine = by_account[acc]
-            paused = self.state.paused
-            if paused:
-                observed = await self._observe_only(backend)
-                reports[acc] = None
+            if not self.account_backoff.ready(acc, now):
+                continue  # failing: tried again slowly, the other accounts go on
+            try:
+                reports[acc] = await self._pass_account(acc, backend, by_account[acc])
+            except LeadershipLost:
+                raise
+            except (GardenerError, OSError, TimeoutError) as exc:
+                # One account's failure (a bad token, an outage) is that account's alone; a
+                # bug (any other exception) still stops the daemon loudly.
+                delay = self.account_backoff.failure(acc, now)
+                metrics.ACCOUNT_FAILING.labels(acc).set(1)
+                metrics.ACCOUNT_ERRORS.labels(acc, type(exc).__name__).inc()
+                log.error("account_failed", account=acc, backend=backend.kind,
+                          error=str(exc) or type(exc).__name__, error_type=type(exc).__name__,
+                          retry_in_s=round(delay, 1))
             else:
-                specs = [self._spec(r) for r in mine]
-                report = await reconcile_once(specs, backend, backoff=self.backoffs[acc])
-                reports[acc] = report
-                observed = report.states if report.observe_error is None else None
-                for result in report.results:  # just started: follow its log from now on
-                    if result.error is None and result.outcome in _STARTED:
-                        self.known.setdefault(result.canon_name, (acc, Status.PENDING))
-                        self.drained.discard(result.canon_name)
-            if observed is not None:
-                await self._write_observed(mine, observed, acc)
+                if self.account_backoff.failures(acc):
+                    log.info("account_recovered", account=acc)
+                self.account_backoff.success(acc)
+                metrics.ACCOUNT_FAILING.labels(acc).set(0)
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         self.state.last_reconcile_at = time.time()
         return reports
+
+    async def may_act(self) -> bool:
+        """Asked right before every mutating platform call: not stopping, not paused, and
+        (in the daemon) still the leader."""
+        if self.state.stop.is_set() or self.state.paused:
+            return False
+        still = self.state.still_leader
+        return still is None or await still()
+
+    async def _pass_account(
+        self, acc: str, backend: Backend, mine: list[Mapping[str, Any]]
+    ) -> ReconcileReport | None:
+        if self.state.paused:
+            observed = await self._observe_only(backend)
+            report = None
+        else:
+            specs = [self._spec(r) for r in mine]
+            report = await reconcile_once(
+                specs, backend, backoff=self.backoffs[acc], may_act=self.may_act
+            )
+            if report.observe_error is not None and report.observed == 0 and not (
+                report.budget_exhausted
+            ):
+                raise AccountUnavailable(report.observe_error)
+            observed = report.states if report.observe_error is None else None
+            for result in report.results:  # just started: follow its log from now on
+                if result.error is None and result.outcome in _STARTED:
+                    self.known.setdefault(result.canon_name, (acc, Status.PENDING))
+                    self.drained.discard(result.canon_name)
+        if observed is not None:
+            await self._write_observed(mine, observed, acc)
+        return report
 
     def _spec(self, row: Mapping[str, Any]) -> ServiceSpec:
         """``build_spec``, cached on the row's contents: a pass over a thousand unchanged
@@ -207,7 +262,7 @@ class Reconciler:
     async def _observe_only(self, backend: Backend) -> list[ServiceState] | None:
         try:
             return await backend.observe()
-        except GardenerError as exc:
+        except TemporaryBackendError as exc:
             log.warning("observe_failed", backend=backend.kind, error=str(exc))
             return None
 
@@ -238,7 +293,9 @@ class Reconciler:
             if new[0] != old[0] or (new[1] and new[1] != old[1]) or (new[2] and new[2] != old[2]):
                 updates.append((name, *new))
         if updates:
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if self.state.fence is not None:
+                    await self.state.fence(conn)
                 await conn.executemany(Q.set_observed, updates)
             self.state.note_observed_changed()  # a trial may have finished: the race may be done
 
@@ -274,6 +331,10 @@ class Reconciler:
         gate = anyio.Semaphore(concurrency)
         now = self.clock()
 
+        if not self._cursors_loaded:
+            await self._load_cursors()
+        saved: list[tuple[str, str, str]] = []
+
         async def one(name: str, account: str, status: Status) -> None:
             nonlocal total
             backend = self.backends.get(account)
@@ -286,8 +347,9 @@ class Reconciler:
                     log.warning("tail_failed", canon_name=name, error=str(exc), permanent=True)
                     self._drained(name, status)
                     return
-                except GardenerError as exc:
-                    log.warning("tail_failed", canon_name=name, error=str(exc))
+                except Exception as exc:  # one tail's trouble stops neither it nor the others
+                    log.warning("tail_failed", canon_name=name, error=str(exc) or
+                                type(exc).__name__, error_type=type(exc).__name__)
                     return
                 base, most = self._intervals(backend.kind)
                 if not lines:
@@ -298,10 +360,15 @@ class Reconciler:
                     return
                 self._tail_due[name] = (now + base, base)
                 assert self.sink is not None
-                await self.sink.submit_lines(
-                    name, [ln.message for ln in lines], f"{backend.kind}-log"
-                )
+                try:
+                    await self.sink.submit_lines(name, split_redrawn(lines), f"{backend.kind}-log")
+                except Exception as exc:  # not written: the cursor stays, the lines come again
+                    log.warning("tail_submit_failed", canon_name=name, error=str(exc) or
+                                type(exc).__name__, error_type=type(exc).__name__)
+                    return
                 self.cursors[name] = lines[-1].cursor
+                if backend.kind != "local":  # a local log is a file read from its start cheaply
+                    saved.append((name, backend.kind, lines[-1].cursor))
                 total += len(lines)
                 metrics.LOG_LINES.labels(backend.kind).inc(len(lines))
 
@@ -313,4 +380,39 @@ class Reconciler:
                 if respect_backoff and due > now and status not in _FINAL:
                     continue
                 tg.start_soon(one, name, account, status)
+        if saved:
+            await self._save_cursors(saved)
         return total
+
+    async def _load_cursors(self) -> None:
+        """The cursors a previous run persisted, for the backends that pay for a re-read."""
+        kinds = sorted({b.kind for b in self.backends.values()} - {"local"})
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(QC.load_cursors, kinds) if kinds else []
+        except (asyncpg.PostgresError, *TRANSIENT_DB_ERRORS) as exc:
+            log.warning("log_cursors_unavailable", error=str(exc) or type(exc).__name__)
+            return
+        for r in rows:
+            self.cursors.setdefault(r["canon_name"], r["cursor"])
+        self._cursors_loaded = True
+
+    async def _save_cursors(self, saved: list[tuple[str, str, str]]) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(QC.save_cursors, *map(list, zip(*saved, strict=True)))
+        except (asyncpg.PostgresError, *TRANSIENT_DB_ERRORS) as exc:
+            # Kept in memory; at worst a restart reads these lines again (a no-op write).
+            log.warning("log_cursors_not_saved", error=str(exc) or type(exc).__name__)
+
+
+def split_redrawn(lines: Sequence[LogLine]) -> list[str]:
+    """The messages of ``lines``, a message redrawn with bare ``\r`` (a progress bar) split
+    into its pieces, so a sample printed after one is still seen."""
+    out: list[str] = []
+    for ln in lines:
+        if "\r" in ln.message:
+            out.extend(p for p in ln.message.split("\r") if p)
+        else:
+            out.append(ln.message)
+    return out

@@ -37,7 +37,7 @@ from gardener.core.decide import decide
 from gardener.core.rungs import rung_reached
 from gardener.core.types import Action, Decision
 from gardener.ledger import control as ledger_control
-from gardener.ledger.apply import Applied, Outcome, action_key, apply_decision
+from gardener.ledger.apply import Applied, Outcome, action_key, apply_group
 from gardener.ledger.queries import Queries
 from gardener.ledger.snapshot import (
     RaceInfo,
@@ -47,7 +47,8 @@ from gardener.ledger.snapshot import (
     race_config,
 )
 from gardener.loop import metrics
-from gardener.loop.control import LoopState
+from gardener.loop.control import TRANSIENT_DB_ERRORS, LoopState
+from gardener.loop.leader import LeadershipLost
 from gardener.settings import Settings
 
 Q = Queries("loop.sql")
@@ -229,7 +230,9 @@ class Ticker:
                     continue
                 try:
                     await self._decide_race(conn, race, paused, report)
-                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                except TRANSIENT_DB_ERRORS:
+                    raise
+                except LeadershipLost:
                     raise
                 except Exception as exc:  # a bad race must not stop the others
                     metrics.TICK_ERRORS.inc()
@@ -319,24 +322,29 @@ class Ticker:
         report.decided.append(race.name)
         holding = False
         changed = False
-        for d in decisions:
-            if self._stopping():
-                break
-            if d.mutates and self._paused_now(paused):
-                holding = True  # paused after the snapshot: it comes back as HOLD next tick
-                continue
+        fence = self.state.fence if self.state is not None else None
+        # One decide's decisions commit together: a rung's ranking is one outcome (a crash, a
+        # stop or a pause between two of them would leave the rest to a decide that no longer
+        # sees the whole cohort), and a leader's MIRROR never goes without its PROMOTE.
+        if not decisions or self._stopping():
+            pass
+        elif any(d.mutates for d in decisions) and self._paused_now(paused):
+            holding = True  # paused after the snapshot: it comes back as HOLD next tick
+        else:
             with anyio.CancelScope(shield=True):  # a started transaction is finished
-                result = await apply_decision(
+                results = await apply_group(
                     conn,
                     race.name,
                     race.account,
-                    d,
+                    decisions,
                     decided_by=self.decided_by,
                     backend=self.backend,
+                    fence=fence,
                 )
-            holding |= d.action is Action.HOLD
-            changed |= result.changed_desired_state
-            self._record(race, result, report)
+            for d, result in zip(decisions, results, strict=True):
+                holding |= d.action is Action.HOLD
+                changed |= result.changed_desired_state
+                self._record(race, result, report)
         if holding:
             self._holding.add(race.name)
         else:
@@ -400,6 +408,8 @@ class Ticker:
                 continue
             with anyio.CancelScope(shield=True):
                 async with conn.transaction():
+                    if self.state is not None and self.state.fence is not None:
+                        await self.state.fence(conn)
                     if await conn.fetchval(Q.mark_race_done, race.name) is None:
                         continue
                     if race.auto_teardown:

@@ -60,7 +60,10 @@ BAD_LINES = [
     ("epoch=1 BPB=2.3456 lr=0.001", "missing_step: a BPB token without a step=N token"),
     ("DONE: bpb=nan", "done_format: the final line must be DONE: bpb=X.XXXX (L-R8)"),
     ("corpus=stdlib sha256=xyz", "corpus_format: sha256 must be 64 hex digits"),
-    ("step=1\x00 BPB=2.3456", "step_format: step=1\x00 is not an integer"),
+    (
+        "step=1\x00 BPB=2.3456",
+        "separator: '\\x00' in a sample line; tokens are separated by spaces or tabs only",
+    ),
 ]
 
 

@@ -283,10 +283,11 @@ def test_any_posted_number_is_refused_or_kept_to_four_decimals(value: float, ste
         assert 0 <= step <= P.MAX_STEP and s.step == step
         assert 0.0 <= s.bpb < P.MAX_BPB and math.isfinite(s.bpb)
         assert s.bpb == float(f"{s.bpb:.4f}")  # four decimals exactly, as L-R8 writes them
-        assert abs(s.bpb - value) <= 1e-6 * max(1.0, abs(value))
+        assert s.bpb == value
     else:
         assert s.reason.startswith(s.code + ": ")
-        bad_value = not (math.isfinite(value) and 0 <= value < P.MAX_BPB) or abs(
-            value * 10_000 - round(value * 10_000)
-        ) > 1e-6 * max(1.0, value * 10_000)
+        # More than four decimals (2.000001, a denormal) is refused, never rounded.
+        bad_value = not (math.isfinite(value) and 0 <= value < P.MAX_BPB) or round(
+            value, 4
+        ) != value
         assert bad_value or not 0 <= step <= P.MAX_STEP

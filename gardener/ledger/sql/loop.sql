@@ -225,3 +225,8 @@ SELECT e.id, coalesce(e.race, t.race) AS race
 FROM tripwire_events e
 LEFT JOIN igla_race_trials t ON t.canon_name = e.canon_name
 WHERE e.acknowledged_at > now() - make_interval(secs => $1)
+
+-- name: lock_trials_in_order
+-- The trial rows one apply transaction changes, locked in name order up front (as the ingest
+-- writer locks them), so the two never wait on each other in a cycle.
+SELECT 1 FROM igla_race_trials WHERE canon_name = ANY($1::text[]) ORDER BY canon_name FOR UPDATE;
