@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,28 @@ def settings() -> Settings:
 
 
 def account(value: str | None) -> str:
+    """The account a mutating command acts for: the flag, else GARDENER_ACCOUNT (required)."""
     return settings().require_account(value)
+
+
+def account_filter(value: str | None) -> str | None:
+    """The account a read command shows (None: every account); an unknown one is refused."""
+    s = settings()
+    chosen = value or s.account
+    return s.require_account(chosen) if chosen else None
+
+
+def user() -> str:
+    """The person at the keyboard, for the audit trail."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry in some containers
+        return "unknown"
+
+
+def actor(acct: str | None) -> str:
+    """Who acts, as the audit trail records it: ``user`` or ``user@account``."""
+    return f"{user()}@{acct}" if acct else user()
 
 
 def with_db(
