@@ -225,17 +225,19 @@ async def champion_deploy(
     """Bind the trial to the slot (every check before any write), then deploy its service
     through its backend (``backend_for(kind, account)``; None: only bind, the daemon's
     reconciler deploys it on its next pass)."""
-    trial = await resolve_trial(conn, ref, account)
+    name = ref.strip()
+    if name.isdigit() or _EXP_REF.match(name):  # a canon name goes as is: the slot's own
+        name = (await resolve_trial(conn, name, account))["canon_name"]  # checks come first
     await refuse_if_paused(conn, "champion deploy")
     state = await expid.bind_champion_slot(
-        conn, slot, trial["canon_name"], account, force_replace=force_replace, by=by)
+        conn, slot, name, account, force_replace=force_replace, by=by)
     if backend_for is None:
         return ChampionDeployed(state, None)
     from gardener.loop.reconciler import build_spec
     from gardener.trainer.spec import load_models_config
 
     row = next(r for r in await conn.fetch(QL.desired_trials, account)
-               if r["canon_name"] == trial["canon_name"])
+               if r["canon_name"] == name)
     kind = row["backend"] or settings.backend
     spec = build_spec(row, settings.model_copy(update={"backend": kind}), load_models_config())
     backend = backend_for(kind, account)
