@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -84,3 +85,13 @@ def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
 
 def rows_to_dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
+
+
+_EXP_ID = re.compile(r"-E(\d{4,})-seed\d+$")
+
+
+def by_exp_id(canon_name: str) -> tuple[int, int, str]:
+    """Sort key for tables: names with an EXP_ID by its number (E9999 before E10000, which a
+    text sort gets wrong), then the rest by name."""
+    m = _EXP_ID.search(canon_name)
+    return (0, int(m.group(1)), canon_name) if m else (1, 0, canon_name)

@@ -14,7 +14,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gardener.cli.common import AccountOpt, JsonOpt, account, actor, emit, settings, with_db
+from gardener.cli.common import (
+    AccountOpt,
+    JsonOpt,
+    account,
+    actor,
+    by_exp_id,
+    emit,
+    settings,
+    with_db,
+)
 from gardener.core.seeds import PHI, RANDOM, SIBLING
 from gardener.core.types import Decision
 from gardener.errors import UserError
@@ -51,7 +60,7 @@ def status_cmd(
             await hand.races_of(conn, who, race)
         rows = await conn.fetch(Q.hunt_status, who, rung, race)
         out = []
-        for r in rows:
+        for r in sorted(rows, key=lambda r: (r["race"], by_exp_id(r["canon_name"]))):
             nums = r["decision_numbers"] or {}
             out.append(
                 {

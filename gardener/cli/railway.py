@@ -24,7 +24,7 @@ from gardener.backends import backend_for
 from gardener.backends.base import ServiceState
 from gardener.backends.railway.templates import load_templates, trainer_spec
 from gardener.backends.reconcile import ReconcileReport, reconcile_once
-from gardener.cli.common import AccountOpt, JsonOpt, account, actor, emit, settings
+from gardener.cli.common import AccountOpt, JsonOpt, account, actor, by_exp_id, emit, settings
 from gardener.core import canon
 from gardener.errors import ConfigError, InvalidCanonName, UserError
 from gardener.ledger import db, migrate, trials
@@ -247,7 +247,7 @@ def services_cmd(acct: AccountOpt = None, as_json: JsonOpt = False) -> None:
             finally:
                 await backend.aclose()
         out = []
-        for r in rows:
+        for r in sorted(rows, key=lambda r: by_exp_id(r["canon_name"])):
             o = observed.pop(r["canon_name"], None)
             out.append(
                 {

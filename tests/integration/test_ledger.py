@@ -267,7 +267,7 @@ async def test_another_account_cannot_take_a_champion_slot(conn: asyncpg.Connect
 async def test_champion_seeds_are_used_seeds(conn: asyncpg.Connection) -> None:
     """NEVER REUSE from the first migration on: the champion's seed 42 is taken."""
     await _race(conn)
-    with pytest.raises(SeedReused, match="seed 42 .* IGLA-TRAIN_V2-FP32-CHAMP-seed42"):
+    with pytest.raises(SeedReused, match=r"seed 42 .* IGLA-TRAIN_V2-FP32-CHAMP-seed42"):
         await trials.admit(conn, "r1", "acc1", [_adm("IGLA-TRAIN_V2-FP32-CHAMP-seed42")])
     assert await trials.used_seeds(conn, "IGLA-TRAIN_V2-FP32-CHAMP") == frozenset({42})
     assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == 0
