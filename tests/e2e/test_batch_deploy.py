@@ -256,3 +256,28 @@ async def test_skipping_the_smoke_gate_needs_a_reason_and_is_audited(
     assert "smoke ran on the staging ledger" in row["reason"]
     assert row["numbers"]["admitted"] == [NAMES[0]]
     assert row["decided_by"].endswith("@acc1")
+
+
+async def test_champion_deploy_deploys_the_trials_service(
+    fake: FakeRailway, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """`tri champion deploy` binds the slot and deploys the service through the backend."""
+    project = fake.add_project(TOKEN)
+    champ = "IGLA-TRAIN_V2-FP32-CHAMP-seed43"
+    admitted = cli([*BATCH, "--account", "acc1", "--no-deploy", *SKIP], champ, db_dsn, fake,
+                   project)
+    assert admitted.returncode == 0, admitted.stderr
+    assert [s for s in fake.all_services() if s.project_id == project[0]] == []
+    deployed = cli(["champion", "deploy", champ, "--slot", "1", "--account", "acc1"], "",
+                   db_dsn, fake, project)
+    assert deployed.returncode == 0, deployed.stderr
+    assert "E0001 now holds IGLA-TRAIN_V2-FP32-CHAMP-seed43" in deployed.stdout
+    (svc,) = [s for s in fake.all_services() if s.project_id == project[0]]
+    assert svc.variables["GARDENER_CANON_NAME"] == champ
+    slot = await conn.fetchrow("SELECT canon_name, seed, account FROM champion_slots "
+                               "WHERE exp_id = 1")
+    assert tuple(slot) == (champ, 43, "acc1")
+    stolen = cli(["champion", "deploy", champ, "--slot", "4", "--force-replace", "--account",
+                  "acc2"], "", db_dsn, fake, project)
+    assert stolen.returncode == 2
+    assert "CrossAccountKillForbidden: champion slot E0004 belongs to acc1" in stolen.stderr
