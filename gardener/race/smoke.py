@@ -538,7 +538,8 @@ async def _race(
     deadline = t0 + cfg.wallclock_s
 
     async def daemon() -> None:
-        await serve_fn(settings, dsn=dsn, stop=stop, install_signal_handlers=False, http=False)
+        await serve_fn(settings, dsn=dsn, stop=stop, install_signal_handlers=False,
+                       http=serves_ingest(cfg, settings))
 
     async def run_probes() -> None:
         pconn = await db.connect(dsn)
@@ -708,6 +709,19 @@ async def _tear_down_interrupted(
                                                     left_names))
     finally:
         await conn.close()
+
+
+def serves_ingest(cfg: SmokeConfig, settings: Settings) -> bool:
+    """Whether the race's worker loop listens for samples: when Railway trainers are told the
+    gardener's address (``RAILWAY_PRIVATE_DOMAIN``...) and the account has an ingest token."""
+    if cfg.backend != "railway" or settings.ingest_token(cfg.account) is None:
+        return False
+    import os
+
+    from gardener.backends.railway.templates import gardener_ingest_url, load_templates
+
+    tpl = load_templates(settings.railway_config).default
+    return tpl.ingest != "logs" and gardener_ingest_url(tpl.ingest_url, os.environ) is not None
 
 
 def _other_account(settings: Settings, account: str) -> str:

@@ -52,11 +52,12 @@ def trainer_configuration(backend: str, railway_config: Path | None = None) -> d
         "models": hashlib.sha256(json.dumps(models, sort_keys=True).encode()).hexdigest()[:16],
     }
     if backend == "railway":
-        from gardener.backends.railway.templates import load_templates
+        from gardener.backends.railway.templates import load_templates, source_of
 
         tpl = load_templates(railway_config).default
+        image, repo, branch = source_of(tpl)
         conf["trainer"] = {
-            "image": tpl.image, "repo": tpl.repo, "branch": tpl.branch,
+            "image": image, "repo": repo, "branch": branch,
             "start_command": tpl.start_command, "ingest": tpl.ingest,
         }
     else:
