@@ -721,7 +721,13 @@ def serves_ingest(cfg: SmokeConfig, settings: Settings) -> bool:
     from gardener.backends.railway.templates import gardener_ingest_url, load_templates
 
     tpl = load_templates(settings.railway_config).default
-    return tpl.ingest != "logs" and gardener_ingest_url(tpl.ingest_url, os.environ) is not None
+    if tpl.ingest == "logs" or gardener_ingest_url(tpl.ingest_url, os.environ) is None:
+        return False
+    import socket
+
+    with socket.socket() as probe:  # a gardener already serving there takes the samples
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", settings.port)) != 0
 
 
 def _other_account(settings: Settings, account: str) -> str:
