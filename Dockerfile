@@ -1,4 +1,6 @@
-# The gardener as a Railway service: `gardener run` against DATABASE_URL, HTTP on $PORT.
+# One image for the gardener and its trainers. By default it runs `gardener run` (the daemon,
+# DATABASE_URL, HTTP on $PORT); a trainer service built from this repository runs the same
+# image with the start command `python -m gardener.trainer` (configs/railway.toml).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

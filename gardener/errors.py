@@ -43,3 +43,15 @@ class UnknownTrial(UserError):
 
 class ConfigError(UserError):
     """Settings or a configuration file that cannot be used."""
+
+
+class ExpIdReused(UserError):
+    """An EXP_ID another trial or claim already holds: never two trials with one EXP_ID."""
+
+
+class SmokeGateClosed(UserError):
+    """A batch for an account without a SMOKE_DONE race on the same trainer configuration."""
+
+
+class GardenerPaused(UserError):
+    """A mutating action asked for while the gardener is paused."""

@@ -7,6 +7,7 @@ desired state. See docs/backends.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gardener.backends.base import (
     Backend,
@@ -23,6 +24,9 @@ from gardener.backends.base import (
 from gardener.backends.reconcile import Backoff, ReconcileReport, plan, reconcile_once
 from gardener.errors import ConfigError
 
+if TYPE_CHECKING:
+    from gardener.settings import Settings
+
 __all__ = [
     "Backend",
     "Backoff",
@@ -36,6 +40,7 @@ __all__ = [
     "ServiceState",
     "Status",
     "TemporaryBackendError",
+    "backend_for",
     "make_backend",
     "plan",
     "reconcile_once",
@@ -76,3 +81,19 @@ def make_backend(
             account, client, project_id=project_id, environment_id=environment_id
         )
     raise ConfigError(f"unknown backend {kind!r} (local or railway)")
+
+
+def backend_for(settings: Settings, account: str, kind: str | None = None) -> Backend:
+    """The backend of ``kind`` (else the configured one) with ``account``'s own credentials:
+    the one way every command and the daemon build a backend from settings."""
+    token = settings.railway_token(account)
+    return make_backend(
+        kind or settings.backend,
+        account,
+        data_dir=settings.data_dir,
+        railway_token=token.get_secret_value() if token else None,
+        project_id=settings.railway_project(account),
+        environment_id=settings.railway_environment(account),
+        base_url=settings.railway_url,
+        budget_per_hour=settings.railway_budget_per_hour,
+    )

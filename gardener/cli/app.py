@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -30,6 +32,34 @@ COMMAND_MODULES = (
     "gardener.cli.railway",  # railway batch-deploy, kill, services
     "gardener.cli.race",  # smoke-race, leaderboard, report
 )
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    acct: Annotated[str | None, typer.Option(
+        "--account", help="Account to act for, for every command (the plan's "
+        "`tri --account acc1 --kill NAME`).")] = None,
+    kill: Annotated[str | None, typer.Option(
+        "--kill", help="Stop this trial (canon name, EXP_ID or seed): `tri kill NAME`.")] = None,
+) -> None:
+    """An autonomous race scheduler for fleets of training runs (also installed as `tri`)."""
+    if acct:  # a command's own --account still wins; this is its default
+        os.environ["GARDENER_ACCOUNT"] = acct
+        from gardener.settings import get_settings
+
+        get_settings.cache_clear()
+    if kill is not None:
+        if ctx.invoked_subcommand is not None:
+            raise typer.BadParameter("--kill is a command of its own", param_hint="--kill")
+        from gardener.cli.common import account
+        from gardener.cli.ledger import kill_line
+
+        typer.echo(kill_line(kill, account(None)))
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 def _register_all() -> None:

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gardener.cli.common import AccountOpt, account_filter
 from gardener.core.config import DecisionConfig, Policy
 from gardener.errors import UserError
 from gardener.race.backtest import BASELINES, dominated_by, load_curves, run_backtest
@@ -46,8 +47,10 @@ def backtest_cmd(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the full report as JSON here.")
     ] = None,
+    acct: AccountOpt = None,
 ) -> None:
     """Replay recorded curves through the decision policy and report compute and regret."""
+    account_filter(acct)  # recorded curves belong to no account; a given one must be known
     names = [p.strip() for p in policy.split(",") if p.strip()]
     known = {p.value for p in Policy}
     bad = [n for n in names if n not in known]

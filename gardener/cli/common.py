@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -31,7 +33,28 @@ def settings() -> Settings:
 
 
 def account(value: str | None) -> str:
+    """The account a mutating command acts for: the flag, else GARDENER_ACCOUNT (required)."""
     return settings().require_account(value)
+
+
+def account_filter(value: str | None) -> str | None:
+    """The account a read command shows (None: every account); an unknown one is refused."""
+    s = settings()
+    chosen = value or s.account
+    return s.require_account(chosen) if chosen else None
+
+
+def user() -> str:
+    """The person at the keyboard, for the audit trail."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry in some containers
+        return "unknown"
+
+
+def actor(acct: str | None) -> str:
+    """Who acts, as the audit trail records it: ``user`` or ``user@account``."""
+    return f"{user()}@{acct}" if acct else user()
 
 
 def with_db(
@@ -62,3 +85,13 @@ def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
 
 def rows_to_dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
+
+
+_EXP_ID = re.compile(r"-E(\d{4,})-seed\d+$")
+
+
+def by_exp_id(canon_name: str) -> tuple[int, int, str]:
+    """Sort key for tables: names with an EXP_ID by its number (E9999 before E10000, which a
+    text sort gets wrong), then the rest by name."""
+    m = _EXP_ID.search(canon_name)
+    return (0, int(m.group(1)), canon_name) if m else (1, 0, canon_name)

@@ -1,14 +1,12 @@
 """``tri hunt``: look at a hunt, and prune or mirror by hand through the daemon's own code.
 
-``prune`` runs the same ``decide`` on the same snapshot the daemon would build and applies
-its PRUNE decisions with the same ``apply_decision`` (one transaction each, exactly once);
-``mirror`` admits sibling seeds through ``core.seeds`` and the same apply path. Both act only
-on the caller's account and refuse while the gardener is paused.
+``prune`` and ``mirror`` are ``gardener.loop.hand``: the daemon's ``decide`` on the same
+snapshot, applied by the same ``apply_decisions`` (a DIVERGING prune starts its replacement,
+exactly once). Both act only on the caller's account and refuse while the gardener is paused.
 """
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated, Any
 
 import asyncpg
@@ -16,21 +14,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gardener.cli.common import AccountOpt, JsonOpt, account, emit, settings, with_db
-from gardener.core.decide import decide
-from gardener.core.seeds import PHI, RANDOM, SIBLING, SeedPicker
-from gardener.core.types import Action, Decision, NewTrial
-from gardener.errors import CrossAccountKillForbidden, UserError
-from gardener.ledger import control, trials
-from gardener.ledger.apply import Outcome, apply_decision
-from gardener.ledger.queries import Queries
-from gardener.ledger.snapshot import (
-    RaceInfo,
-    base_config,
-    load_snapshot,
-    race_config,
-    race_info,
+from gardener.cli.common import (
+    AccountOpt,
+    JsonOpt,
+    account,
+    actor,
+    by_exp_id,
+    emit,
+    settings,
+    with_db,
 )
+from gardener.core.seeds import PHI, RANDOM, SIBLING
+from gardener.core.types import Decision
+from gardener.errors import UserError
+from gardener.ledger.apply import Outcome
+from gardener.ledger.queries import Queries
+from gardener.loop import hand
 
 Q = Queries("loop.sql")
 console = Console()
@@ -42,13 +41,6 @@ RaceOpt = Annotated[str | None, typer.Option("--race", help="Only this race.")]
 
 def register(app: typer.Typer) -> None:
     app.add_typer(hunt_app, name="hunt")
-
-
-def _who() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no user database entry in some containers
-        return "unknown"
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -65,10 +57,10 @@ def status_cmd(
 
     async def run(conn: asyncpg.Connection) -> list[dict[str, Any]]:
         if race is not None:
-            await _race_for(conn, race, who)
+            await hand.races_of(conn, who, race)
         rows = await conn.fetch(Q.hunt_status, who, rung, race)
         out = []
-        for r in rows:
+        for r in sorted(rows, key=lambda r: (r["race"], by_exp_id(r["canon_name"]))):
             nums = r["decision_numbers"] or {}
             out.append(
                 {
@@ -115,22 +107,6 @@ def status_cmd(
     emit(rows, as_json, human)
 
 
-async def _race_for(conn: asyncpg.Connection, name: str, who: str) -> RaceInfo:
-    info = await race_info(conn, name)
-    if info is None:
-        raise UserError(f"no race named {name!r}")
-    if info.account != who:
-        raise CrossAccountKillForbidden(f"race {name!r} belongs to {info.account}, not {who}")
-    return info
-
-
-async def _races(conn: asyncpg.Connection, who: str, race: str | None) -> list[RaceInfo]:
-    if race is not None:
-        return [await _race_for(conn, race, who)]
-    rows = await conn.fetch(Q.running_races)
-    return [RaceInfo.from_row(r) for r in rows if r["account"] == who]
-
-
 def _decision_json(d: Decision, outcome: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "canon_name": d.canon_name,
@@ -154,35 +130,21 @@ def prune_cmd(
     acct: AccountOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """What the rung's rule would prune now (the daemon's own decide); --apply applies it."""
+    """What the rung's rule would prune now (the daemon's own decide), with the replacements
+    that go with it; --apply applies them as the daemon does."""
     who = account(acct)
     s = settings()
-    base = base_config(s)
 
     async def run(conn: asyncpg.Connection) -> list[dict[str, Any]]:
-        paused = (await control.get(conn)).paused
-        if apply and paused:
-            raise UserError("the gardener is paused: no prune is applied (tri resume first)")
         out: list[dict[str, Any]] = []
-        for info in await _races(conn, who, race):
-            snap = await load_snapshot(
-                conn, info, paused=False, expected_corpus_sha256=s.corpus_sha256,
-                expected_corpus=s.corpus,
-            )
-            prunes = [
-                d
-                for d in decide(snap, race_config(base, info))
-                if d.action is Action.PRUNE and d.rung == rung
-            ]
-            for d in prunes:
-                if apply:
-                    result = await apply_decision(
-                        conn, info.name, info.account, d, decided_by=f"cli:{_who()}",
-                        backend=s.backend,
-                    )
-                    out.append(_decision_json(d, result.outcome.value) | {"race": info.name})
-                else:
-                    out.append(_decision_json(d, "would prune") | {"race": info.name})
+        for rd in await hand.prune(conn, s, who, rung, race=race, apply=apply, by=actor(who)):
+            if apply:
+                for a in rd.applied:
+                    row = _decision_json(a.decision, a.outcome.value) | {"race": rd.race.name}
+                    out.append(row | {"spawned": list(a.spawned)})
+            else:
+                out += [_decision_json(d, f"would {d.action.value}") | {"race": rd.race.name}
+                        for d in rd.decisions]
         return out
 
     rows = with_db(run)
@@ -191,9 +153,9 @@ def prune_cmd(
         if not rows:
             typer.echo(f"nothing to prune at rung {rung}")
             return
-        table = Table("race", "trial", "outcome", "reason")
+        table = Table("race", "trial", "action", "outcome", "reason")
         for r in rows:
-            table.add_row(r["race"], r["canon_name"], r["outcome"], r["reason"])
+            table.add_row(r["race"], r["canon_name"], r["action"], r["outcome"], r["reason"])
         console.print(table)
 
     emit(rows, as_json, human)
@@ -204,7 +166,8 @@ STRATEGIES = (PHI, SIBLING, RANDOM)
 
 @hunt_app.command("mirror")
 def mirror_cmd(
-    leader: Annotated[str, typer.Option("--leader", help="The trial to mirror.")],
+    leader: Annotated[str, typer.Option(
+        "--leader", help="The trial to mirror: canon name, EXP_ID (E0005) or seed (200).")],
     count: Annotated[int, typer.Option("--count", min=1, max=32)] = 3,
     strategy: Annotated[
         str, typer.Option("--strategy", help="phi-anchored, sibling or random.")
@@ -220,28 +183,12 @@ def mirror_cmd(
     s = settings()
 
     async def run(conn: asyncpg.Connection) -> dict[str, Any]:
-        if (await control.get(conn)).paused:
-            raise UserError("the gardener is paused: no mirror is started (tri resume first)")
-        trial = await trials.get_trial(conn, leader)
-        trials.check_owner(trial, who)
-        used = await trials.used_seeds(conn, trial["variant"])
-        picker = SeedPicker(trial["race"], {trial["variant"]: used})
-        order = (strategy,) if strategy == RANDOM else (strategy, RANDOM)
-        picked = picker.pick(trial["variant"], count, leader_seed=int(trial["seed"]), order=order)
-        d = Decision(
-            Action.MIRROR,
-            leader,
-            int(trial["rung"]),
-            f"mirror {leader} by hand with {len(picked)} seeds ({strategy}) for {who}",
-            spawn=tuple(NewTrial(trial["variant"], sd, how, leader) for sd, how in picked),
-            numbers={"by": _who(), "count": count, "strategy": strategy},
-        )
-        result = await apply_decision(
-            conn, trial["race"], who, d, decided_by=f"cli:{_who()}", backend=s.backend
-        )
+        result = await hand.mirror(conn, leader, who, count=count, strategy=strategy,
+                                   by=actor(who), backend=s.backend)
+        d = result.decision
         if result.outcome is Outcome.DUPLICATE:
             raise UserError(
-                f"{leader} was already mirrored at rung {trial['rung']}; mirror again after "
+                f"{d.canon_name} was already mirrored at rung {d.rung}; mirror again after "
                 "its next rung"
             )
         return _decision_json(d, result.outcome.value) | {"spawned": list(result.spawned)}
@@ -249,6 +196,6 @@ def mirror_cmd(
     out = with_db(run)
 
     def human() -> None:
-        typer.echo(f"mirrored {leader}: " + ", ".join(out["spawned"]))
+        typer.echo(f"mirrored {out['canon_name']}: " + ", ".join(out["spawned"]))
 
     emit(out, as_json, human)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import time
 from typing import Annotated
 
@@ -11,21 +10,27 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gardener.cli.common import AccountOpt, JsonOpt, account, emit, settings, with_db
+from gardener.backends import Backend, backend_for
+from gardener.cli.common import (
+    AccountOpt,
+    JsonOpt,
+    account,
+    account_filter,
+    actor,
+    emit,
+    settings,
+    with_db,
+)
+from gardener.cli.common import user as _who
 from gardener.core import canon
 from gardener.errors import UserError
-from gardener.ledger import control, db, expid, migrate, trials
+from gardener.ledger import control, db, expid, migrate
+from gardener.ledger.apply import Applied
 from gardener.ledger.queries import Queries
+from gardener.loop import hand
 
 Q = Queries("ledger.sql")
 console = Console()
-
-
-def _who() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no user database entry in some containers
-        return "unknown"
 
 
 def register(app: typer.Typer) -> None:
@@ -41,8 +46,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(tripwire_app, name="tripwire")
 
 
-def migrate_cmd() -> None:
+def migrate_cmd(acct: AccountOpt = None) -> None:
     """Create or update the ledger (embedded PostgreSQL when DATABASE_URL is unset)."""
+    account_filter(acct)  # the ledger is shared: an account is accepted, and must be known
     s = settings()
     started = time.perf_counter()
     _, where = db.resolve_dsn(s)
@@ -58,17 +64,20 @@ def migrate_cmd() -> None:
         typer.echo(f"ledger at {where}: up to date ({took:.2f}s)")
 
 
-def status_cmd(as_json: JsonOpt = False) -> None:
-    """Show the ledger: counts, the pause flag and the champion slots."""
+def status_cmd(acct: AccountOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the ledger: counts, the pause flag and the champion slots (of ``--account`` only,
+    when given)."""
+    who = account_filter(acct)
     s = settings()
     _, where = db.resolve_dsn(s)
 
     async def run(conn: asyncpg.Connection) -> dict[str, object]:
-        counts = dict(await conn.fetchrow(Q.ledger_counts) or {})
+        counts = dict(await conn.fetchrow(Q.ledger_counts, who) or {})
         ctl = await control.get(conn)
-        slots = [dict(r) for r in await conn.fetch(Q.champion_slots)]
+        slots = [dict(r) for r in await conn.fetch(Q.champion_slots, who)]
         return {
             "database": where,
+            "account": who,
             "counts": counts,
             "paused": ctl.paused,
             "pause_reason": ctl.reason,
@@ -84,10 +93,11 @@ def status_cmd(as_json: JsonOpt = False) -> None:
         assert isinstance(counts, dict)
         console.print("  " + "  ".join(f"{k}={v}" for k, v in counts.items()))
         console.print(f"  paused={data['paused']} next EXP_ID={data['next_exp_id']}")
-        table = Table("slot", "canon name", "BPB", "seed", "state")
+        table = Table("slot", "owner", "canon name", "BPB", "seed", "state")
         for slot in data["champion_slots"]:  # type: ignore[attr-defined]
             table.add_row(
                 expid.format_exp_id(slot["exp_id"]),
+                slot["owner"],
                 slot["canon_name"] or "(reserved)",
                 f"{slot['bpb']:.4f}" if slot["bpb"] is not None else "",
                 str(slot["seed"] or ""),
@@ -102,24 +112,27 @@ db_app = typer.Typer(help="The embedded database.", no_args_is_help=True)
 
 
 @db_app.command("start")
-def db_start() -> None:
+def db_start(acct: AccountOpt = None) -> None:
     """Start the embedded PostgreSQL and keep it running until `gardener db stop`."""
+    account_filter(acct)
     where = db.embedded_dir(settings())
     db.start_embedded(where, keep_running=True)
     typer.echo(f"embedded PostgreSQL running in {where} until `gardener db stop`")
 
 
 @db_app.command("stop")
-def db_stop() -> None:
+def db_stop(acct: AccountOpt = None) -> None:
     """Stop the embedded PostgreSQL server, if one runs under the data directory."""
+    account_filter(acct)
     where = db.embedded_dir(settings())
     stopped = db.stop_embedded(where)
     typer.echo(f"stopped embedded PostgreSQL in {where}" if stopped else f"none running in {where}")
 
 
 @db_app.command("url")
-def db_url() -> None:
+def db_url(acct: AccountOpt = None) -> None:
     """Print where the ledger is (never the password)."""
+    account_filter(acct)
     typer.echo(db.resolve_dsn(settings())[1])
 
 
@@ -169,9 +182,11 @@ def canon_check(
     hidden_size: Annotated[
         int | None, typer.Option("--hidden-size", help="Hidden size, for the L-R9 check.")
     ] = None,
+    acct: AccountOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Parse canon names and apply L-R9; exit non-zero if any is bad."""
+    account_filter(acct)  # names are the same for every account; a given one must be known
     results = []
     for name in names:
         try:
@@ -219,53 +234,85 @@ champion_app = typer.Typer(help="Champion slots E0001..E0004.", no_args_is_help=
 
 @champion_app.command("deploy")
 def champion_deploy(
-    name: Annotated[str, typer.Argument(help="Canon name of the champion to put in the slot.")],
+    name: Annotated[str, typer.Argument(help="The trial to deploy: canon name, EXP_ID or seed.")],
     slot: Annotated[int, typer.Option("--slot", help="Champion slot number, 1..4.")],
     acct: AccountOpt = None,
     force_replace: Annotated[
         bool,
         typer.Option("--force-replace", help="Replace the slot's holder (it must be stopped)."),
     ] = False,
+    no_deploy: Annotated[
+        bool, typer.Option("--no-deploy", help="Only bind; the daemon deploys on its next pass.")
+    ] = False,
 ) -> None:
-    """Bind a champion to a slot: refused for a used slot unless forced and its service is down."""
+    """Put one of your trials into a champion slot you own and deploy its service: refused for
+    a used slot unless forced, and then only once its holder is stopped (kill before spin)."""
     who = account(acct)
-    parsed = canon.parse(name)
+    s = settings()
 
-    async def run(conn: asyncpg.Connection) -> expid.SlotState:
-        return await expid.replace_champion_slot(
-            conn, slot, str(parsed), parsed.seed, who, force_replace=force_replace
-        )
+    def backend(kind: str, acc: str) -> Backend:
+        return backend_for(s, acc, kind)
 
-    state = with_db(run)
-    typer.echo(f"{expid.format_exp_id(state.exp_id)} now holds {state.canon_name}")
+    async def run(conn: asyncpg.Connection) -> hand.ChampionDeployed:
+        return await hand.champion_deploy(
+            conn, s, name, slot, who, force_replace=force_replace, by=actor(who),
+            backend_for=None if no_deploy else backend)
+
+    done = with_db(run)
+    state = done.slot
+    line = f"{expid.format_exp_id(state.exp_id)} now holds {state.canon_name}"
+    if state.replaced:
+        line += f" (replacing {state.replaced})"
+    if not state.changed:
+        line = f"{expid.format_exp_id(state.exp_id)} already holds {state.canon_name}"
+    if done.deploy is not None:
+        line += f"; deploy: {done.deploy.summary()}"
+    typer.echo(line)
 
 
 def kill_cmd(
-    name: Annotated[str, typer.Argument(help="Canon name of the trial to stop.")],
+    name: Annotated[str, typer.Argument(help="The trial to stop: canon name, EXP_ID or seed.")],
     acct: AccountOpt = None,
     reason: Annotated[str, typer.Option("--reason")] = "",
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Start a fresh seed of its variant in its place.")
+    ] = False,
 ) -> None:
-    """Stop one of your account's trials (the reconciler then stops its service)."""
-    who = account(acct)
+    """Stop one of your account's trials as the daemon prunes one (the reconciler then stops
+    its service)."""
+    typer.echo(kill_line(name, account(acct), reason=reason, replace=replace))
 
-    async def run(conn: asyncpg.Connection) -> bool:
-        return await trials.kill(conn, name, who, by=_who(), reason=reason)
 
-    changed = with_db(run)
-    typer.echo(f"{name}: stop requested" if changed else f"{name}: already stopping or stopped")
+def kill_line(name: str, who: str, *, reason: str = "", replace: bool = False) -> str:
+    """Kill through the daemon's apply path; the one line the user reads."""
+    s = settings()
+
+    async def run(conn: asyncpg.Connection) -> list[Applied]:
+        return await hand.kill(conn, name, who, by=actor(who), reason=reason, replace=replace,
+                               backend=s.backend)
+
+    done = with_db(run)
+    if not done:
+        return f"{name}: already stopping or stopped"
+    spawned = [n for a in done for n in a.spawned]
+    return f"{done[0].decision.canon_name}: stop requested" + (
+        f"; replaced by {', '.join(spawned)}" if spawned else "")
 
 
 def pause_cmd(
     reason: Annotated[str, typer.Option("--reason", help="Why, for the audit trail.")] = "",
+    acct: AccountOpt = None,
 ) -> None:
-    """Pause every mutating action (ingest and fitting go on)."""
-    ctl = with_db(lambda conn: control.set_paused(conn, True, reason or "paused", _who()))
+    """Pause every mutating action (ingest and fitting go on); records who paused."""
+    by = actor(account_filter(acct))
+    ctl = with_db(lambda conn: control.set_paused(conn, True, reason or "paused", by))
     typer.echo(f"paused by {ctl.changed_by}: {ctl.reason}")
 
 
-def resume_cmd() -> None:
-    """Resume mutating actions."""
-    ctl = with_db(lambda conn: control.set_paused(conn, False, "resumed", _who()))
+def resume_cmd(acct: AccountOpt = None) -> None:
+    """Resume mutating actions; records who resumed."""
+    by = actor(account_filter(acct))
+    ctl = with_db(lambda conn: control.set_paused(conn, False, "resumed", by))
     typer.echo(f"resumed by {ctl.changed_by}")
 
 
@@ -275,16 +322,14 @@ tripwire_app = typer.Typer(help="Tripwire events.", no_args_is_help=True)
 @tripwire_app.command("list")
 def tripwire_list(
     all_events: Annotated[bool, typer.Option("--all", help="Include acknowledged events.")] = False,
+    acct: AccountOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List open (or all) tripwire events."""
+    """List open (or all) tripwire events (of ``--account``'s trials and races, when given)."""
+    who = account_filter(acct)
 
     async def run(conn: asyncpg.Connection) -> list[dict[str, object]]:
-        where = "" if all_events else "WHERE acknowledged_at IS NULL"
-        rows = await conn.fetch(
-            f"SELECT id, kind, race, canon_name, evidence, fired_at, acknowledged_by "
-            f"FROM tripwire_events {where} ORDER BY id"
-        )
+        rows = await conn.fetch(Q.tripwire_list, all_events, who)
         return [dict(r) for r in rows]
 
     events = with_db(run)
@@ -311,7 +356,7 @@ def tripwire_ack(
 ) -> None:
     """Acknowledge a tripwire after review; held promotions and mirrors resume."""
     who = account(acct)
-    done = with_db(lambda conn: control.ack_tripwire(conn, event_id, who, _who()))
+    done = with_db(lambda conn: control.ack_tripwire(conn, event_id, who, actor(who)))
     typer.echo(
         f"tripwire {event_id} acknowledged"
         if done

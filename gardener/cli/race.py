@@ -14,8 +14,8 @@ import typer
 
 from gardener import logs
 from gardener.backends.base import Backend, BackendError, ServiceState
-from gardener.cli.common import AccountOpt, JsonOpt, emit, settings, with_db
-from gardener.errors import UserError
+from gardener.cli.common import AccountOpt, JsonOpt, account_filter, emit, settings, with_db
+from gardener.errors import CrossAccountKillForbidden, UserError
 from gardener.ledger import db
 from gardener.race import criteria as crit
 from gardener.race import leaderboard as lb
@@ -275,17 +275,22 @@ def race_backend_state(s: Settings) -> Path:
 
 @leaderboard_app.command("rank")
 def leaderboard_rank(
-    gate: Annotated[str, typer.Option("--gate", help="gate-0, gate-2 or gate-final.")] = "gate-0",
+    gate: Annotated[str, typer.Option(
+        "--gate", help="gate-0, gate-2 or gate-final (any case: GATE-FINAL).")] = "gate-0",
     race: Annotated[str | None, typer.Option("--race", help="Race name (default: latest).")] = None,
+    acct: AccountOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Final BPB per trial from the ledger, ranked, with the gate's verdict."""
+    """Final BPB per trial from the ledger, ranked, with the gate's verdict (a trial counts
+    only at its horizon and with no open tripwire; ``--account``: that account's trials)."""
+    who = account_filter(acct)
 
     async def run(conn: asyncpg.Connection) -> lb.Leaderboard:
-        name = race or await lb.latest_race(conn)
+        name = race or await lb.latest_race(conn, account=who)
         if name is None:
-            raise UserError("no race in the ledger yet")
-        return await lb.rank(conn, gate, race=name)
+            raise UserError("no race in the ledger yet"
+                            + (f" for {who}" if who else ""))
+        return await lb.rank(conn, gate, race=name, account=who)
 
     board = with_db(run)
 
@@ -301,18 +306,26 @@ def report_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Markdown path; images go to img/ "
                    "beside it (default docs/SMOKE_GATE_0_REPORT.md for a smoke race, "
                    "else docs/<race>.md).")] = None,
+    acct: AccountOpt = None,
 ) -> None:
-    """Write the Markdown report of a race, with its plots, from the ledger."""
+    """Write the Markdown report of a race, with its plots, from the ledger (``--account``:
+    that account's latest race, and no other account's)."""
 
     from gardener.race import report as report_mod
 
+    who = account_filter(acct)
+
     async def run(conn: asyncpg.Connection) -> Path:
-        name = race or await lb.latest_race(conn)
+        name = race or await lb.latest_race(conn, account=who)
         if name is None:
             raise UserError("no race in the ledger yet")
-        kind = await conn.fetchval("SELECT kind FROM races WHERE name = $1", name)
-        if kind is None:
+        row = await conn.fetchrow("SELECT kind, account FROM races WHERE name = $1", name)
+        if row is None:
             raise UserError(f"unknown race {name!r}")
+        if who is not None and row["account"] != who:
+            raise CrossAccountKillForbidden(f"race {name!r} belongs to {row['account']}, "
+                                            f"not {who}")
+        kind = row["kind"]
         path = out or (DEFAULT_REPORT if kind == "smoke" else Path("docs") / f"{name}.md")
         return await report_mod.write_report(conn, name, path)
 

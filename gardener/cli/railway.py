@@ -1,7 +1,10 @@
 """Deploying batches and looking at services: ``tri railway batch-deploy``, ``tri services``.
 
-A batch is validated whole before the first mutation: one bad canon name, one L-R9 breach or
-one reused seed or EXP_ID, and nothing is admitted or deployed.
+A batch is validated whole before the first write: the names (canon, L-R9, duplicates), the
+backend's credentials and service templates, the request budget and the smoke gate are
+checked first; then the race, the trials, their seeds and EXP_IDs (a reused seed or id
+refuses the whole batch) and the audit row of a skipped smoke gate are written in one
+transaction. A refused batch leaves the ledger exactly as it was.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gardener.backends.base import Backend, ServiceState
+from gardener.backends import backend_for
+from gardener.backends.base import ServiceState
+from gardener.backends.railway.templates import load_templates, trainer_spec
 from gardener.backends.reconcile import ReconcileReport, reconcile_once
-from gardener.cli.common import AccountOpt, JsonOpt, account, emit, settings
+from gardener.cli.common import AccountOpt, JsonOpt, account, actor, by_exp_id, emit, settings
 from gardener.core import canon
 from gardener.errors import ConfigError, InvalidCanonName, UserError
 from gardener.ledger import db, migrate, trials
 from gardener.ledger.queries import Queries
-from gardener.loop.daemon import default_backend_factory
 from gardener.loop.reconciler import build_spec
+from gardener.race import smoke_gate
 from gardener.settings import Settings
 from gardener.trainer.spec import ModelsConfig, hidden_size_for, load_models_config
 
@@ -70,6 +75,31 @@ def validate_batch(names: list[str], models: ModelsConfig) -> list[canon.CanonNa
     return parsed
 
 
+# Railway requests a new service costs: serviceCreate, variableCollectionUpsert, the deploy.
+REQUESTS_PER_SERVICE = 3
+
+
+def check_railway_ready(s: Settings, who: str, parsed: list[canon.CanonName]) -> None:
+    """Everything a Railway deploy of the batch needs, before anything is written: the
+    account's credentials, a usable service template per model, and the request budget."""
+    missing = [var for var, value in (
+        (f"RAILWAY_TOKEN_{who.upper()}", s.railway_token(who)),
+        (f"GARDENER_RAILWAY_PROJECT_{who.upper()}", s.railway_project(who)),
+        (f"GARDENER_RAILWAY_ENVIRONMENT_{who.upper()}", s.railway_environment(who)),
+    ) if not value]
+    if missing:
+        raise ConfigError(f"the railway backend for {who} needs {', '.join(missing)}; "
+                          "nothing was admitted")
+    templates = load_templates(s.railway_config)
+    for c in parsed:
+        trainer_spec(str(c), who, {}, templates)  # source, ingest URL and token: or ConfigError
+    need = REQUESTS_PER_SERVICE * len(parsed) + 1
+    if need > s.railway_budget_per_hour:
+        raise UserError(f"{len(parsed)} services need about {need} Railway requests, more than "
+                        f"{who}'s budget of {s.railway_budget_per_hour} an hour "
+                        "(GARDENER_RAILWAY_BUDGET_PER_HOUR); split the batch")
+
+
 def load_batch_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -102,10 +132,19 @@ def batch_deploy(
     no_deploy: Annotated[
         bool, typer.Option("--no-deploy", help="Only admit; the daemon deploys on its next pass.")
     ] = False,
+    skip_smoke_gate: Annotated[
+        bool, typer.Option("--skip-smoke-gate", help="Admit without a SMOKE_DONE race on the "
+                           "same trainer configuration (needs --reason; audited).")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why the smoke gate is skipped.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Admit canon names from stdin into a race and deploy them (all or nothing)."""
     who = account(acct)
+    if skip_smoke_gate and not (reason or "").strip():
+        raise UserError('--skip-smoke-gate needs --reason "..." for the audit trail')
     names = read_names(sys.stdin.read().splitlines())
     if not names:
         raise UserError("no canon names on stdin")
@@ -119,31 +158,43 @@ def batch_deploy(
     if chosen not in ("local", "railway"):
         raise ConfigError(f"backend must be local or railway, not {chosen!r}")
     s = base.model_copy(update={"backend": chosen})
+    if chosen == "railway":
+        check_railway_ready(s, who, parsed)
+    trainer = smoke_gate.trainer_configuration(chosen, s.railway_config)
     admissions = [
         trials.Admission(canon=c, hidden_size=hidden_size_for(c, models), steps=run_steps)
         for c in parsed
     ]
+    by = actor(who)
 
     async def main() -> dict[str, Any]:
         dsn, _ = db.resolve_dsn(s)
         conn = await db.connect(dsn)
         try:
             await migrate.migrate(conn)
-            await trials.ensure_race(
-                conn,
-                race_name,
-                who,
-                kind=str(cfg.get("kind", "hunt")),
-                horizon=run_steps,
-                config={"auto_teardown": bool(cfg.get("auto_teardown", False))},
-            )
-            admitted = await trials.admit(conn, race_name, who, admissions, backend=chosen)
+            gate = None if skip_smoke_gate else await smoke_gate.check(conn, who, trainer)
+            async with conn.transaction():  # the race, every trial and the audit: or nothing
+                await trials.ensure_race(
+                    conn,
+                    race_name,
+                    who,
+                    kind=str(cfg.get("kind", "hunt")),
+                    horizon=run_steps,
+                    config={"auto_teardown": bool(cfg.get("auto_teardown", False)),
+                            "trainer": trainer,
+                            "trainer_fingerprint": smoke_gate.fingerprint(trainer)},
+                )
+                admitted = await trials.admit(conn, race_name, who, admissions, backend=chosen)
+                if skip_smoke_gate:
+                    await smoke_gate.record_skip(conn, race_name, who, by, str(reason),
+                                                 trainer, admitted)
             report = None if no_deploy else await _deploy(conn, s, who, race_name, models)
         finally:
             await conn.close()
         return {
             "race": race_name,
             "account": who,
+            "smoke_gate": gate or f"skipped: {reason}",
             "admitted": admitted,
             "already_admitted": [str(c) for c in parsed if str(c) not in admitted],
             "deploy": None if report is None else report.summary(),
@@ -154,7 +205,8 @@ def batch_deploy(
     def human() -> None:
         typer.echo(
             f"race {result['race']}: admitted {len(result['admitted'])}, "
-            f"already there {len(result['already_admitted'])}"
+            f"already there {len(result['already_admitted'])}; smoke gate: "
+            f"{result['smoke_gate']}"
         )
         if result["deploy"] is not None:
             typer.echo(f"deploy: {result['deploy']}")
@@ -167,7 +219,7 @@ async def _deploy(
 ) -> ReconcileReport:
     rows = [r for r in await conn.fetch(Q.desired_trials, who) if r["race"] == race]
     specs = [build_spec(r, s, models) for r in rows]
-    backend: Backend = default_backend_factory(s)(who)
+    backend = backend_for(s, who)
     try:
         return await reconcile_once(specs, backend)
     finally:
@@ -189,13 +241,13 @@ def services_cmd(acct: AccountOpt = None, as_json: JsonOpt = False) -> None:
             await conn.close()
         observed: dict[str | None, ServiceState] = {}
         for kind in sorted({r["backend"] for r in rows if r["backend"]} or {s.backend}):
-            backend = default_backend_factory(s.model_copy(update={"backend": kind}))(who)
+            backend = backend_for(s, who, kind)
             try:
                 observed.update((o.canon_name, o) for o in await backend.observe() if o.owned)
             finally:
                 await backend.aclose()
         out = []
-        for r in rows:
+        for r in sorted(rows, key=lambda r: by_exp_id(r["canon_name"])):
             o = observed.pop(r["canon_name"], None)
             out.append(
                 {

@@ -1,7 +1,9 @@
 """Gates over final results: gate-0 (the smoke race), gate-2 and GATE-FINAL.
 
 Pure functions over ``Row(canon_name, seed, variant, bpb)``: each returns the rows ranked
-(lower BPB first, ties by name) and a verdict with the reasons a person needs.
+(lower BPB first, ties by name) and a verdict with the reasons a person needs. A row counts
+toward a gate only if it reached the gate's step (its race's horizon) and has no open
+tripwire; gate names are case-insensitive (``GATE-FINAL`` as the plan writes it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,28 @@ class Row:
     seed: int
     variant: str
     bpb: float | None  # the final BPB; None when the trial never reported one
+    step: int | None = None  # the step of the final BPB
+    horizon: int | None = None  # the step the gate needs (None: not checked)
+    open_tripwires: int = 0
+
+
+GATE_NAMES = ("gate-0", "gate-2", "gate-final")
+
+
+def gate_name(name: str) -> str | None:
+    """The canonical name of a gate (``GATE-FINAL``, ``Gate-2``, ``gate_0`` ...), else None."""
+    key = name.strip().lower().replace("_", "-")
+    return key if key in GATE_NAMES else None
+
+
+def why_not_counted(row: Row) -> str | None:
+    """Why a row does not count toward a gate (None: it counts)."""
+    if row.open_tripwires:
+        return f"{row.canon_name}: {row.open_tripwires} open tripwire(s)"
+    if row.horizon is not None and (row.step is None or row.step < row.horizon):
+        at = "no sample" if row.step is None else f"step {row.step}"
+        return f"{row.canon_name}: {at}, short of the horizon {row.horizon}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,9 @@ def gate0(rows: Iterable[Row], expected: int | None = None) -> Verdict:
     race has exactly ``expected`` trials, one per canon name."""
     rs = rank(rows)
     reasons: list[str] = []
+    excluded = [w for r in rs if (w := why_not_counted(r)) is not None]
+    if excluded:
+        reasons.append(f"{len(excluded)} trial(s) do not count: " + "; ".join(excluded[:3]))
     missing = [r.canon_name for r in rs if _final(r) is None]
     if missing:
         reasons.append(f"{len(missing)} trial(s) without a final BPB: {', '.join(missing[:5])}")
@@ -66,8 +93,10 @@ def _quorum_gate(
     name: str, rows: Iterable[Row], threshold: float, seeds: tuple[int, ...] | None, quorum: int
 ) -> Verdict:
     rs = rank(rows)
-    pool = [r for r in rs if seeds is None or r.seed in seeds]
     reasons: list[str] = []
+    candidates = [r for r in rs if seeds is None or r.seed in seeds]
+    excluded = [w for r in candidates if (w := why_not_counted(r)) is not None]
+    pool = [r for r in candidates if why_not_counted(r) is None]
     by_variant: dict[str, list[Row]] = {}
     for r in pool:
         by_variant.setdefault(r.variant, []).append(r)
@@ -86,6 +115,8 @@ def _quorum_gate(
     if not pool:
         want = "any seed" if seeds is None else f"seeds {sorted(seeds)}"
         reasons.append(f"no trial with a final BPB on {want}")
+    if excluded:
+        reasons.append(f"{len(excluded)} trial(s) do not count: " + "; ".join(excluded[:3]))
     passed = bool(winners)
     if passed:
         reasons = [f"{v}: {quorum}/{quorum} seeds below {threshold}" for v in winners]

@@ -12,8 +12,10 @@ import asyncpg
 
 from gardener.errors import (
     CrossAccountKillForbidden,
+    ExpIdReused,
     ReusedChampionSlot,
     SlotStillOccupied,
+    UnknownTrial,
     UserError,
 )
 from gardener.ledger.queries import Queries
@@ -79,7 +81,7 @@ async def claim_exact(
     ):
         return exp_id
     holder = row["canon_name"] if row is not None else None
-    raise ReusedChampionSlot(
+    raise ExpIdReused(
         f"{format_exp_id(exp_id)} is already used"
         + (f" by {holder}" if holder else f" (claimed by {row['account'] if row else '?'})")
     )
@@ -89,48 +91,79 @@ async def claim_exact(
 class SlotState:
     exp_id: int
     canon_name: str | None
-    running: bool
+    replaced: str | None  # the previous holder, when there was one
+    changed: bool  # False: the slot already held this trial
 
 
-async def replace_champion_slot(
+async def bind_champion_slot(
     conn: asyncpg.Connection,
     exp_id: int,
     canon_name: str,
-    seed: int,
     account: str,
     *,
     force_replace: bool,
+    by: str = "cli",
 ) -> SlotState:
-    """Bind ``canon_name`` to a champion slot: only with ``force_replace``, only if it is free.
+    """Bind an admitted trial of ``account`` to a champion slot ``account`` owns, in one
+    transaction with its audit row, and ask for the trial to run.
 
-    Kill before spin: a slot whose trial still runs cannot be replaced.
+    An empty slot takes the trial; a used one only with ``force_replace`` and only once its
+    holder is stopped (kill before spin). Every check runs before the first write.
     """
+    slot = format_exp_id(exp_id)
     if exp_id not in CHAMPION_SLOTS:
-        raise UserError(f"{format_exp_id(exp_id)} is not a champion slot (E0001..E0004)")
+        raise UserError(f"{slot} is not a champion slot (E0001..E0004)")
     async with conn.transaction():
         row = await conn.fetchrow(Q.champion_slot_for_update, exp_id)
         assert row is not None, "champion slots are created by the first migration"
-        if not force_replace:
-            holder = row["canon_name"] or "reserved"
-            raise ReusedChampionSlot(
-                f"champion slot {format_exp_id(exp_id)} is locked ({holder}); "
-                "use --force-replace after stopping its service"
-            )
-        if row["account"] is not None and row["account"] != account:
+        if row["owner"] != account:
             raise CrossAccountKillForbidden(
-                f"champion slot {format_exp_id(exp_id)} holds {row['canon_name']} of "
-                f"{row['account']}, not {account}"
+                f"champion slot {slot} belongs to {row['owner']}, not {account}"
+            )
+        if row["canon_name"] == canon_name:
+            return SlotState(exp_id, canon_name, None, changed=False)
+        if row["canon_name"] is not None and not force_replace:
+            raise ReusedChampionSlot(
+                f"champion slot {slot} is locked ({row['canon_name']}); "
+                "use --force-replace after stopping its service"
             )
         running = row["desired_state"] == "running" or row["observed_state"] in RUNNING_STATES
         if row["canon_name"] is not None and row["desired_state"] is not None and running:
             raise SlotStillOccupied(
-                f"champion slot {format_exp_id(exp_id)} is occupied: {row['canon_name']} still "
+                f"champion slot {slot} is occupied: {row['canon_name']} still "
                 "runs; kill it before deploying into the slot"
             )
+        trial = await conn.fetchrow(Q.trial_for_update, canon_name)
+        if trial is None:
+            raise UnknownTrial(
+                f"no trial named {canon_name!r} in the ledger: admit it first "
+                "(tri railway batch-deploy), then deploy it into a slot"
+            )
+        if trial["account"] != account:
+            raise CrossAccountKillForbidden(
+                f"{canon_name} belongs to {trial['account']}; {account} may not deploy it"
+            )
         await conn.execute(
-            Q.rebind_champion_slot, exp_id, canon_name, seed, f"replaced by {account}"
+            Q.rebind_champion_slot, exp_id, canon_name, trial["seed"], trial["best_bpb"],
+            f"deployed by {by} for {account}",
         )
-    return SlotState(exp_id, canon_name, running=False)
+        await conn.execute(Q.set_desired_state, canon_name, "running")
+        replaced = row["canon_name"]
+        await conn.fetchval(
+            Q.insert_decision,
+            trial["race"],
+            trial["rung"],
+            canon_name,
+            f"champion:{slot}",
+            trial["seed_state"],
+            {"slot": slot, "replaced": replaced, "by": by},
+            f"deployed into champion slot {slot} by {by} for {account}"
+            + (f", replacing {replaced}" if replaced else ""),
+            True,
+            None,
+            by,
+        )
+    return SlotState(exp_id, canon_name, replaced, changed=True)
 
 
 RUNNING_STATES = frozenset({"pending", "building", "deploying", "running", "initializing"})

@@ -39,7 +39,12 @@ from gardener.backends.base import (
     Status,
     TemporaryBackendError,
 )
-from gardener.backends.railway.templates import Templates, load_templates, trainer_spec
+from gardener.backends.railway.templates import (
+    INGEST_URL_VAR,
+    Templates,
+    load_templates,
+    trainer_spec,
+)
 from gardener.backends.reconcile import Backoff, ReconcileReport, reconcile_once
 from gardener.core import canon as canon_mod
 from gardener.core.config import DEFAULT_RUNGS
@@ -156,6 +161,7 @@ class Reconciler:
         self._cursors_loaded = False
         self.drained: set[str] = set()  # services in a final state whose log was read to the end
         self.known: dict[str, tuple[str, Status]] = {}  # canon_name -> (account, status)
+        self.posting: set[str] = set()  # trainers that POST their samples: log read at the end
         self._specs: dict[tuple[Any, ...], ServiceSpec] = {}
         self._tail_due: dict[str, tuple[float, float]] = {}  # name -> (next tail, interval)
         self.max_log_interval = max_log_interval
@@ -225,6 +231,7 @@ class Reconciler:
             report = None
         else:
             specs = [self._spec(r) for r in mine]
+            self.posting.update(sp.canon_name for sp in specs if INGEST_URL_VAR in sp.variables)
             report = await reconcile_once(
                 specs, backend, backoff=self.backoffs[acc], may_act=self.may_act
             )
@@ -374,8 +381,8 @@ class Reconciler:
 
         async with anyio.create_task_group() as tg:
             for name, (account, status) in list(self.known.items()):
-                if name in self.drained:
-                    continue
+                if name in self.drained or (name in self.posting and status not in _FINAL):
+                    continue  # a posting trainer's log is only the fallback, read at its end
                 due, _ = self._tail_due.get(name, (now, 0.0))
                 if respect_backoff and due > now and status not in _FINAL:
                     continue

@@ -34,6 +34,7 @@ from gardener.errors import (
 )
 from gardener.ledger import db, expid, trials
 from gardener.ledger.queries import Queries
+from gardener.loop import hand
 
 Q = Queries("race.sql")
 
@@ -49,7 +50,7 @@ TITLES: dict[int, str] = {
     4: "igla_race_trials has one row per planned canon name",
     5: "L-R9: a GF16 trial with h < 256 is refused",
     6: "`tri leaderboard rank --gate gate-0` returns every trial with distinct BPB",
-    7: "a deploy into a used champion slot fails with ReusedChampionSlot",
+    7: "a deploy into a used champion slot fails with ReusedChampionSlot (an empty one takes it)",
     8: "--force-replace on an occupied slot fails with SlotStillOccupied",
     9: "--account acc1 --kill <acc2 trial> fails with CrossAccountKillForbidden",
     10: "concurrent `tri exp claim` calls never return the same EXP_ID",
@@ -395,7 +396,7 @@ async def _in_rollback(
 
 AdmitFn = Callable[..., Awaitable[list[str]]]
 DeployFn = Callable[..., Awaitable[expid.SlotState]]
-KillFn = Callable[..., Awaitable[bool]]
+KillFn = Callable[..., Awaitable[Any]]
 ClaimFn = Callable[[asyncpg.Connection, str, int, str], Awaitable[list[int]]]
 
 
@@ -430,26 +431,38 @@ async def probe_lr9(
 
 
 async def probe_used_slot(
-    conn: asyncpg.Connection, ctx: RaceContext, *, deploy: DeployFn = expid.replace_champion_slot
+    conn: asyncpg.Connection, ctx: RaceContext, *, deploy: DeployFn = expid.bind_champion_slot
 ) -> Criterion:
-    """7: `tri champion deploy NAME --slot 4` (no --force-replace) into the used slot."""
-    slot = ctx.config.used_slot
+    """7: `tri champion deploy NAME --slot 4` (no --force-replace) into the used slot must
+    fail with ReusedChampionSlot and change nothing, while the same deploy into an empty slot
+    is taken: the refusal is about the slot being used, not about every slot."""
+    slot, empty = ctx.config.used_slot, ctx.config.probe_slot
     name = ctx.expected_names[0]
-    seed = canon_mod.parse(name).seed
 
     async def body() -> Criterion:
         before = dict(await conn.fetchrow(Q.champion_slot, slot))
         try:
-            state = await deploy(conn, slot, name, seed, ctx.account, force_replace=False)
+            state = await deploy(conn, slot, name, ctx.account, force_replace=False)
         except ReusedChampionSlot as exc:
             after = dict(await conn.fetchrow(Q.champion_slot, slot))
             if after != before:
                 return _c(7, False, f"refused, but slot E{slot:04d} changed: {before} -> {after}")
-            return _c(7, True, f"deploying {name} into E{slot:04d} (held by "
-                      f"{before['canon_name'] or 'reserved'}) raised ReusedChampionSlot: {exc}")
+            refused = (f"deploying {name} into E{slot:04d} (held by "
+                       f"{before['canon_name'] or 'reserved'}) raised ReusedChampionSlot: {exc}")
         except Exception as exc:
             return _c(7, False, f"deploy raised {type(exc).__name__}: {exc}")
-        return _c(7, False, f"deploy into used slot E{slot:04d} SUCCEEDED: {state}")
+        else:
+            return _c(7, False, f"deploy into used slot E{slot:04d} SUCCEEDED: {state}")
+        free = dict(await conn.fetchrow(Q.champion_slot, empty))
+        if free["canon_name"] is not None:
+            return _c(7, False, f"{refused}; but E{empty:04d} is not empty to compare: {free}")
+        try:
+            taken = await deploy(conn, empty, name, ctx.account, force_replace=False)
+        except Exception as exc:
+            return _c(7, False, f"{refused}; but the empty slot E{empty:04d} refused it too: "
+                      f"{type(exc).__name__}: {exc}")
+        return _c(7, True, f"{refused}; the empty E{empty:04d} took it ({taken.canon_name}, "
+                  "rolled back)")
 
     return await _in_rollback(conn, body)
 
@@ -459,7 +472,7 @@ async def probe_force_replace(
     ctx: RaceContext,
     *,
     challenger: str,
-    deploy: DeployFn = expid.replace_champion_slot,
+    deploy: DeployFn = expid.bind_champion_slot,
 ) -> Criterion:
     """8: occupy a reserved slot with a running trial of the race (force-replace of an empty
     slot, which is allowed), then force-replace it with ``challenger``: SlotStillOccupied.
@@ -467,7 +480,6 @@ async def probe_force_replace(
     All inside one transaction that is rolled back: the slot is reserved again afterwards,
     and no other session ever sees it bound."""
     slot = ctx.config.probe_slot
-    seed = canon_mod.parse(challenger).seed
 
     async def body() -> Criterion:
         holder = await conn.fetchrow(Q.running_trial_of_race, ctx.race)
@@ -476,11 +488,10 @@ async def probe_force_replace(
         before = dict(await conn.fetchrow(Q.champion_slot, slot))
         if before["canon_name"] is not None:
             return _c(8, False, f"E{slot:04d} is not a free reserved slot: {before}")
-        await deploy(conn, slot, holder["canon_name"], int(holder["seed"]), ctx.account,
-                     force_replace=True)
+        await deploy(conn, slot, holder["canon_name"], ctx.account, force_replace=True)
         occupied = dict(await conn.fetchrow(Q.champion_slot, slot))
         try:
-            state = await deploy(conn, slot, challenger, seed, ctx.account, force_replace=True)
+            state = await deploy(conn, slot, challenger, ctx.account, force_replace=True)
         except SlotStillOccupied as exc:
             after = dict(await conn.fetchrow(Q.champion_slot, slot))
             if after != occupied:
@@ -500,10 +511,11 @@ async def probe_cross_account_kill(
     ctx: RaceContext,
     *,
     victim_account: str = "acc2",
-    kill: KillFn = trials.kill,
+    kill: KillFn = hand.kill,
 ) -> Criterion:
     """9: admit a trial of ``victim_account`` in a tiny race that is never started (inside
-    the rolled-back transaction), then kill it as the race's account through trials.kill."""
+    the rolled-back transaction), then kill it as the race's account through the CLI's
+    ``hand.kill`` (the daemon's apply path)."""
     race = f"{ctx.race}-{victim_account}-probe"
     name = "IGLA-HYBRID-FP32-XACCT-SMOKE-seed1"
     parsed = canon_mod.parse(name)

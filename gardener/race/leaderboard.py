@@ -16,7 +16,7 @@ from gardener.errors import UserError
 from gardener.ledger.queries import Queries
 
 Q = Queries("race.sql")
-GATES = ("gate-0", "gate-2", "gate-final")
+GATES = gates.GATE_NAMES
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class BoardRow:
     samples: int
     desired_state: str
     observed_state: str
+    horizon: int | None = None
+    open_tripwires: int = 0
+    counted: bool = True  # reached the horizon with no open tripwire
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -53,26 +56,39 @@ class Leaderboard:
         }
 
 
-async def latest_race(conn: asyncpg.Connection, kind: str | None = None) -> str | None:
-    name = await conn.fetchval(Q.latest_race, kind)
+async def latest_race(
+    conn: asyncpg.Connection, kind: str | None = None, account: str | None = None
+) -> str | None:
+    if account is not None and kind is None:
+        name = await conn.fetchval(Q.latest_race_of, account)
+    else:
+        name = await conn.fetchval(Q.latest_race, kind)
     return str(name) if name is not None else None
 
 
-async def rank(conn: asyncpg.Connection, gate: str, race: str | None = None) -> Leaderboard:
-    """The ranked trials of ``race`` (every race when None) and the gate's verdict.
+async def rank(
+    conn: asyncpg.Connection, gate: str, race: str | None = None, account: str | None = None
+) -> Leaderboard:
+    """The ranked trials of ``race`` (every race when None; ``account``'s only when given)
+    and the gate's verdict.
 
-    Gate-0 expects every trial of the race to be on the board with a distinct final BPB;
-    gate-2 and gate-final are the quorum gates of ``gardener.core.gates``."""
-    if gate not in GATES:
-        raise UserError(f"unknown gate {gate!r} (known: {', '.join(GATES)})")
+    A trial counts toward a gate only if it reached its horizon and has no open tripwire.
+    Gate-0 expects every trial of the race to count, with a distinct final BPB; gate-2 and
+    gate-final are the quorum gates of ``gardener.core.gates``."""
+    name = gates.gate_name(gate)
+    if name is None:
+        raise UserError(f"unknown gate {gate!r} (known: {', '.join(GATES)}, any case)")
+    gate = name
     known = race is None or await conn.fetchval("SELECT 1 FROM races WHERE name = $1", race)
     if not known:
         raise UserError(f"unknown race {race!r}")
-    records = await conn.fetch(Q.leaderboard, race)
+    records = await conn.fetch(Q.leaderboard, race, account)
     by_name = {r["canon_name"]: r for r in records}
     rows = [
         gates.Row(r["canon_name"], int(r["seed"]), r["variant"],
-                  None if r["final_bpb"] is None else float(r["final_bpb"]))
+                  None if r["final_bpb"] is None else float(r["final_bpb"]),
+                  step=r["final_step"], horizon=r["horizon"],
+                  open_tripwires=int(r["open_tripwires"]))
         for r in records
     ]
     if gate == "gate-0":
@@ -96,6 +112,9 @@ async def rank(conn: asyncpg.Connection, gate: str, race: str | None = None) -> 
                 samples=int(rec["samples"]),
                 desired_state=rec["desired_state"],
                 observed_state=rec["observed_state"],
+                horizon=row.horizon,
+                open_tripwires=row.open_tripwires,
+                counted=gates.why_not_counted(row) is None,
             )
         )
     return Leaderboard(gate, race, tuple(board), verdict)
@@ -108,13 +127,17 @@ def _bpb(x: float | None) -> str:
 def markdown(board: Leaderboard) -> str:
     """The board as a Markdown table, with the verdict underneath."""
     lines = [
-        "| # | canon name | final BPB | at step | best BPB | samples | state |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| # | canon name | final BPB | at step | best BPB | samples | state | counts |",
+        "|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in board.rows:
+        counts = "yes" if r.counted else (
+            f"no: {r.open_tripwires} open tripwire(s)" if r.open_tripwires
+            else f"no: short of {r.horizon}")
         lines.append(
             f"| {r.rank} | `{r.canon_name}` | {_bpb(r.final_bpb)} | {r.final_step or '—'} | "
-            f"{_bpb(r.best_bpb)} | {r.samples} | {r.desired_state}/{r.observed_state} |"
+            f"{_bpb(r.best_bpb)} | {r.samples} | {r.desired_state}/{r.observed_state} | "
+            f"{counts} |"
         )
     word = "PASSES" if board.verdict.passed else "does not pass"
     lines.append("")

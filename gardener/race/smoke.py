@@ -36,6 +36,7 @@ from gardener.errors import ConfigError, UserError
 from gardener.ledger import db, migrate, trials
 from gardener.ledger.queries import Queries
 from gardener.race import criteria as crit
+from gardener.race import smoke_gate
 from gardener.settings import Settings
 from gardener.trainer import spec as trainer_spec
 
@@ -248,10 +249,17 @@ def race_name(prefix: str, now: datetime) -> str:
 
 
 async def admit_race(
-    conn: asyncpg.Connection, cfg: SmokeConfig, name: str, *, corpus_sha256: str | None
+    conn: asyncpg.Connection,
+    cfg: SmokeConfig,
+    name: str,
+    *,
+    corpus_sha256: str | None,
+    railway_config: Path | None = None,
 ) -> list[PlannedTrial]:
     """Plan and admit in one transaction, serialised with other smoke runs by an advisory lock,
-    so two runs at once can never pick the same seeds."""
+    so two runs at once can never pick the same seeds. The race records the trainer
+    configuration it proves (``smoke_gate``)."""
+    trainer = smoke_gate.trainer_configuration(cfg.backend, railway_config)
     async with conn.transaction():
         await conn.execute(Q.advisory_lock_smoke)
         if await conn.fetchval("SELECT 1 FROM races WHERE name = $1", name):
@@ -268,6 +276,8 @@ async def admit_race(
             "corpus_sha256": corpus_sha256,
             "backend": cfg.backend,
             "source": cfg.source,
+            "trainer": trainer,
+            "trainer_fingerprint": smoke_gate.fingerprint(trainer),
         }
         await trials.ensure_race(conn, name, cfg.account, kind="smoke", horizon=cfg.max_steps,
                                  config=config)
@@ -511,7 +521,8 @@ async def _race(
     corpus_name, corpus_sha = corpus
     await migrate.migrate(conn)
     with anyio.CancelScope(shield=True):  # one transaction: committed or not, never half
-        planned.extend(await admit_race(conn, cfg, race, corpus_sha256=corpus_sha))
+        planned.extend(await admit_race(conn, cfg, race, corpus_sha256=corpus_sha,
+                                        railway_config=settings.railway_config))
         admitted[0] = True
     phase[0] = "running"
     timings["admitted_s"] = clock() - t0
@@ -527,7 +538,8 @@ async def _race(
     deadline = t0 + cfg.wallclock_s
 
     async def daemon() -> None:
-        await serve_fn(settings, dsn=dsn, stop=stop, install_signal_handlers=False, http=False)
+        await serve_fn(settings, dsn=dsn, stop=stop, install_signal_handlers=False,
+                       http=serves_ingest(cfg, settings))
 
     async def run_probes() -> None:
         pconn = await db.connect(dsn)
@@ -697,6 +709,25 @@ async def _tear_down_interrupted(
                                                     left_names))
     finally:
         await conn.close()
+
+
+def serves_ingest(cfg: SmokeConfig, settings: Settings) -> bool:
+    """Whether the race's worker loop listens for samples: when Railway trainers are told the
+    gardener's address (``RAILWAY_PRIVATE_DOMAIN``...) and the account has an ingest token."""
+    if cfg.backend != "railway" or settings.ingest_token(cfg.account) is None:
+        return False
+    import os
+
+    from gardener.backends.railway.templates import gardener_ingest_url, load_templates
+
+    tpl = load_templates(settings.railway_config).default
+    if tpl.ingest == "logs" or gardener_ingest_url(tpl.ingest_url, os.environ) is None:
+        return False
+    import socket
+
+    with socket.socket() as probe:  # a gardener already serving there takes the samples
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", settings.port)) != 0
 
 
 def _other_account(settings: Settings, account: str) -> str:

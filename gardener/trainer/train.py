@@ -2,7 +2,9 @@
 
 Settings are resolved in this order, later wins: models.toml defaults for the model, what
 the canon name in TRAIN_CANON_NAME implies (``spec.trainer_variables``), the TRAIN_*
-environment, command-line flags. Output, flushed line by line:
+environment, command-line flags. Output, flushed line by line (and posted to the gardener's
+``/v1/samples`` when ``GARDENER_INGEST_URL`` and ``GARDENER_INGEST_TOKEN`` are set, see
+``post.py``):
   corpus=NAME sha256=HEX            first line, for the gardener's corpus tripwire
   step=N BPB=X.XXXX                 every eval_every steps (and at the last step)
   DONE: bpb=X.XXXX                  the final validation BPB
@@ -308,9 +310,23 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     """Entry point of ``python -m gardener.trainer``; user errors are one line on stderr."""
     import os
 
+    from gardener.trainer.post import SamplePoster
+
+    environ = os.environ if env is None else env
+    poster = SamplePoster.from_env(environ)
+
+    def out(line: str) -> None:
+        print(line, flush=True)  # always: the log is the fallback of the HTTP path
+        if poster is not None:
+            poster.add(line)
+
     try:
-        cfg = resolve_config(os.environ if env is None else env, argv)
-        bpb = run(cfg, lambda line: print(line, flush=True))
+        cfg = resolve_config(environ, argv)
+        try:
+            bpb = run(cfg, out)
+        finally:
+            if poster is not None:
+                poster.close()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import random
+import shlex
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import graphql
@@ -85,6 +91,7 @@ class Deployment:
     override: str | None = None  # CRASHED | REMOVED | FAILED
     finished: bool = False  # the process exited 0
     logs: list[tuple[int, str]] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None  # with ``run_processes``: the service's
 
     def status(self, now: float, step: float) -> str:
         if self.override:
@@ -131,7 +138,11 @@ class FakeRailway:
         visibility_delay: float = 0.03,
         timeout_sleep: float = 0.5,
         retry_after: int = 1,
+        run_processes: bool = False,
+        workdir: str | Path | None = None,
     ) -> None:
+        self.run_processes = run_processes
+        self.workdir = Path(workdir) if workdir is not None else Path(__file__).parents[2]
         self.step_seconds = step_seconds
         self.visibility_delay = visibility_delay
         self.timeout_sleep = timeout_sleep
@@ -248,6 +259,10 @@ class FakeRailway:
         return self.url
 
     def stop(self) -> None:
+        with self.lock:
+            deployments = [d for svc in self.all_services() for d in svc.deployments]
+        for dep in deployments:
+            self._kill(dep)
         if self._server is not None:
             self._server.should_exit = True
             if self._thread:
@@ -353,12 +368,83 @@ class FakeRailway:
         for old in svc.deployments:
             if old.override is None and not old.finished:
                 old.override = "REMOVED"
+            self._kill(old)
         dep = Deployment(
             id=str(uuid.uuid4()), service_id=svc.id,
             created=now - (100.0 if back_dated else 0.0),
         )
         svc.deployments.append(dep)
+        if self.run_processes and svc.source and not back_dated:
+            self._start_process(svc, dep)
         return dep
+
+    # ---- the emulator: a deployment is a real local process ---------------------------
+    def _start_process(self, svc: Service, dep: Deployment) -> None:
+        """Run the service's start command (else the image's default, ``gardener run``) as
+        a local process with the service's variables and the ones Railway adds, as the
+        repository's Dockerfile would; its output becomes the deployment's log."""
+        command = svc.settings.get("startCommand") or "gardener run"
+        here = str(Path(sys.executable).parent)
+        env = {"PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}",
+               "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+        env.update(svc.variables)
+        env.update(RAILWAY_SERVICE_ID=svc.id, RAILWAY_SERVICE_NAME=svc.name,
+                   RAILWAY_DEPLOYMENT_ID=dep.id, RAILWAY_PROJECT_ID=svc.project_id,
+                   RAILWAY_ENVIRONMENT_ID=svc.environment_id, RAILWAY_ENVIRONMENT="production")
+        try:
+            dep.process = subprocess.Popen(
+                shlex.split(command), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        except OSError as exc:
+            dep.logs.append((time.time_ns(), f"failed to start {command!r}: {exc}"))
+            dep.override = "CRASHED"
+            return
+        threading.Thread(target=self._follow, args=(dep,), daemon=True).start()
+
+    def _follow(self, dep: Deployment) -> None:
+        """Copy the process's output into the log; its exit decides the deployment's end."""
+        proc = dep.process
+        assert proc is not None and proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            with self.lock:
+                dep.logs.append((time.time_ns(), line))
+        code = proc.wait()
+        with self.lock:
+            if dep.override is None and not dep.finished:
+                if code == 0:
+                    dep.finished = True
+                else:
+                    dep.override = "CRASHED"
+
+    def _kill(self, dep: Deployment) -> None:
+        """Stop a deployment's process group: SIGTERM, then SIGKILL after 5 s."""
+        proc = dep.process
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+        def reap() -> None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+
+        threading.Thread(target=reap, daemon=True).start()
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """The emulated deployments' processes still alive."""
+        with self.lock:
+            return [d.process for svc in self.all_services() for d in svc.deployments
+                    if d.process is not None and d.process.poll() is None]
 
     def visible(self, dep: Deployment) -> bool:
         return time.monotonic() - dep.created >= self.visibility_delay
@@ -530,9 +616,12 @@ class _Root:
         _, dep = self._dep(id)
         if dep.override is None and not dep.finished:
             dep.override = "REMOVED"
+        self.fake._kill(dep)
         return True
 
     def serviceDelete(self, info: Any, id: str, environmentId: str | None = None) -> bool:
         svc = self._svc(id)
+        for dep in svc.deployments:
+            self.fake._kill(dep)
         del self.fake.projects[svc.project_id].services[svc.id]
         return True

@@ -18,8 +18,9 @@ import pytest
 
 from gardener.backends.base import ServiceState, Status
 from gardener.core import canon
-from gardener.errors import UserError
+from gardener.errors import ReusedChampionSlot, UserError
 from gardener.ledger import expid, trials
+from gardener.loop import hand
 from gardener.race import criteria as crit
 from gardener.race import smoke
 
@@ -251,12 +252,23 @@ async def test_probe_used_slot(conn: asyncpg.Connection) -> None:
     _, ctx = await admit(conn)
     green = await crit.probe_used_slot(conn, ctx)
     assert green.green and "ReusedChampionSlot" in green.evidence
+    assert "the empty E0001 took it" in green.evidence
 
     async def forced(*a: object, force_replace: bool) -> expid.SlotState:
-        return await expid.replace_champion_slot(*a, force_replace=True)  # type: ignore[arg-type]
+        return await expid.bind_champion_slot(*a, force_replace=True)  # type: ignore[arg-type]
 
     red = await crit.probe_used_slot(conn, ctx, deploy=forced)
     assert not red.green and "SUCCEEDED" in red.evidence
+
+    async def every_slot_locked(c: asyncpg.Connection, slot: int, name: str, account: str,
+                                *, force_replace: bool) -> expid.SlotState:
+        """The old rule: any slot without --force-replace is refused, used or empty."""
+        if not force_replace:
+            raise ReusedChampionSlot(f"champion slot E{slot:04d} is locked")
+        return await expid.bind_champion_slot(c, slot, name, account, force_replace=True)
+
+    locked = await crit.probe_used_slot(conn, ctx, deploy=every_slot_locked)
+    assert not locked.green and "the empty slot E0001 refused it too" in locked.evidence
     slot = await conn.fetchrow("SELECT canon_name, bpb FROM champion_slots WHERE exp_id = 4")
     assert tuple(slot) == ("IGLA-TRAIN_V2-FP32-CHAMP-seed42", 1.8921)
 
@@ -267,13 +279,14 @@ async def test_probe_force_replace(conn: asyncpg.Connection) -> None:
     green = await crit.probe_force_replace(conn, ctx, challenger=challenger)
     assert green.green and "SlotStillOccupied" in green.evidence
 
-    async def kill_first(c: asyncpg.Connection, slot: int, name: str, seed: int, account: str,
+    async def kill_first(c: asyncpg.Connection, slot: int, name: str, account: str,
                          *, force_replace: bool) -> expid.SlotState:
         if name == challenger:  # a deploy that stops the holder itself: not kill-before-spin
             await c.execute("UPDATE igla_race_trials SET desired_state = 'stopped', "
                             "observed_state = 'stopped' WHERE race = $1", RACE)
-        return await expid.replace_champion_slot(c, slot, name, seed, account,
-                                                 force_replace=force_replace)
+            await trials.admit(c, RACE, account, [trials.Admission(canon.parse(challenger))])
+        return await expid.bind_champion_slot(c, slot, name, account,
+                                              force_replace=force_replace)
 
     red = await crit.probe_force_replace(conn, ctx, challenger=challenger, deploy=kill_first)
     assert not red.green and "SUCCEEDED" in red.evidence
@@ -292,10 +305,10 @@ async def test_probe_cross_account_kill(conn: asyncpg.Connection) -> None:
     green = await crit.probe_cross_account_kill(conn, ctx)
     assert green.green and "CrossAccountKillForbidden" in green.evidence
 
-    async def unchecked_kill(c: asyncpg.Connection, name: str, account: str, **kw: str) -> bool:
+    async def unchecked_kill(c: asyncpg.Connection, name: str, account: str, **kw: str) -> list:
         owner = await c.fetchval("SELECT account FROM igla_race_trials WHERE canon_name = $1",
                                  name)
-        return await trials.kill(c, name, owner, **kw)
+        return await hand.kill(c, name, owner, **kw)
 
     red = await crit.probe_cross_account_kill(conn, ctx, kill=unchecked_kill)
     assert not red.green and "killed" in red.evidence

@@ -134,3 +134,42 @@ async def test_report_from_the_ledger_with_decisions_and_plots(
         assert f"](img/{img})" in text
     with pytest.raises(UserError, match="unknown race"):
         await report.write_report(conn, "missing", out)
+
+
+async def test_gates_need_the_horizon_and_no_open_tripwire(conn: asyncpg.Connection) -> None:
+    """The issue's case: three seeds with one sample each at step 100 of an 81000-step race,
+    one of them a 0.05 leak, passed gate-2; now none counts, and `GATE-FINAL` is a gate."""
+    names = [f"IGLA-HYBRID-FP32-WSD-E00{40 + s}-seed{s}" for s in (43, 44, 45)]
+    await make_race(conn, "g2", names, horizon=81000)
+    for name, value in zip(names, (1.80, 1.81, 0.05), strict=True):
+        await samples(conn, name, {100: value})
+    await conn.execute(
+        "INSERT INTO tripwire_events (kind, race, canon_name, dedupe_key) "
+        "VALUES ('leak', 'g2', $1, 'leak:' || $1)", names[2])
+    board = await leaderboard.rank(conn, "gate-2", race="g2")
+    assert not board.verdict.passed
+    assert "3 trial(s) do not count" in "; ".join(board.verdict.reasons)
+    assert not any(r.counted for r in board.rows)
+    final = await leaderboard.rank(conn, "GATE-FINAL", race="g2")
+    assert final.gate == "gate-final" and not final.verdict.passed
+    # At the horizon, the two clean seeds count and the one with an open tripwire does not.
+    for name, value in zip(names, (1.80, 1.81, 1.79), strict=True):
+        await samples(conn, name, {81000: value})
+    board = await leaderboard.rank(conn, "Gate-2", race="g2")
+    assert [r.counted for r in sorted(board.rows, key=lambda r: r.seed)] == [True, True, False]
+    assert not board.verdict.passed and "1 open tripwire(s)" in "; ".join(board.verdict.reasons)
+    await conn.execute("UPDATE tripwire_events SET acknowledged_at = now(), "
+                       "acknowledged_by = 'alice'")
+    assert (await leaderboard.rank(conn, "gate-2", race="g2")).verdict.passed
+    with pytest.raises(UserError, match="unknown gate 'gate-9'"):
+        await leaderboard.rank(conn, "gate-9", race="g2")
+
+
+async def test_gate0_needs_every_trial_at_the_horizon(conn: asyncpg.Connection) -> None:
+    names = [f"IGLA-HYBRID-FP32-EMA10-SMOKE-seed{s}" for s in (540, 541)]
+    await make_race(conn, "smoke-h", names, kind="smoke", horizon=100)
+    await samples(conn, names[0], curve(3.3))
+    await samples(conn, names[1], {10: 3.9, 50: 3.5})
+    board = await leaderboard.rank(conn, "gate-0", race="smoke-h")
+    assert not board.verdict.passed
+    assert "step 50, short of the horizon 100" in "; ".join(board.verdict.reasons)

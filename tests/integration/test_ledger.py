@@ -11,12 +11,15 @@ import pytest
 from gardener.core import canon
 from gardener.errors import (
     CrossAccountKillForbidden,
+    ExpIdReused,
     GF16HiddenTooSmall,
     ReusedChampionSlot,
     SeedReused,
     SlotStillOccupied,
+    UnknownTrial,
 )
 from gardener.ledger import control, db, expid, migrate, trials
+from gardener.loop import hand
 
 
 async def test_migrations_apply_once_and_twice_changes_nothing(empty_db_dsn: str) -> None:
@@ -176,9 +179,7 @@ async def test_admission_refuses_gf16_below_256_and_champion_exp_ids(
     with pytest.raises(ReusedChampionSlot):
         await trials.admit(conn, "r1", "acc1", [_adm("IGLA-HYBRID-FP32-WSD-E0004-seed7")])
     await trials.admit(conn, "r1", "acc1", [_adm("IGLA-HYBRID-FP32-WSD-E0010-seed7")])
-    with pytest.raises(
-        ReusedChampionSlot, match="already used by IGLA-HYBRID-FP32-WSD-E0010-seed7"
-    ):
+    with pytest.raises(ExpIdReused, match="already used by IGLA-HYBRID-FP32-WSD-E0010-seed7"):
         await trials.admit(conn, "r1", "acc1", [_adm("IGLA-HYBRID-FP32-BS8-E0010-seed8")])
     assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == 1
 
@@ -196,7 +197,7 @@ async def test_cross_account_mutations_are_refused_and_change_nothing(
     await _race(conn, "r2", "acc2")
     await trials.admit(conn, "r2", "acc2", [_adm("IGLA-HYBRID-FP32-WSD-SMOKE-seed501")])
     with pytest.raises(CrossAccountKillForbidden):
-        await trials.kill(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501", "acc1")
+        await hand.kill(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501", "acc1")
     with pytest.raises(CrossAccountKillForbidden):
         await trials.admit(conn, "r2", "acc1", [_adm("IGLA-HYBRID-FP32-WSD-SMOKE-seed502")])
     with pytest.raises(CrossAccountKillForbidden):
@@ -204,34 +205,81 @@ async def test_cross_account_mutations_are_refused_and_change_nothing(
     row = await trials.get_trial(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501")
     assert row["desired_state"] == "running"
     assert await conn.fetchval("SELECT count(*) FROM gardener_decisions") == 0
-    assert await trials.kill(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501", "acc2") is True
-    assert await trials.kill(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501", "acc2") is False
-    assert await conn.fetchval("SELECT count(*) FROM gardener_decisions WHERE action = 'kill'") == 1
+    assert len(await hand.kill(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501", "acc2")) == 1
+    assert await hand.kill(conn, "IGLA-HYBRID-FP32-WSD-SMOKE-seed501", "acc2") == []
+    assert await conn.fetchval(
+        "SELECT count(*) FROM gardener_decisions WHERE action = 'prune' AND applied") == 1
+
+
+async def _stop(conn: asyncpg.Connection, name: str) -> None:
+    await hand.kill(conn, name, "acc1")
+    await conn.execute(
+        "UPDATE igla_race_trials SET observed_state = 'stopped' WHERE canon_name = $1", name
+    )
 
 
 async def test_force_replace_of_an_occupied_slot_is_refused(conn: asyncpg.Connection) -> None:
     await _race(conn)
-    champ = "IGLA-TRAIN_V2-FP32-CHAMP-seed43"
+    champ, challenger = "IGLA-TRAIN_V2-FP32-CHAMP-seed43", "IGLA-TRAIN_V2-FP32-CHAMP-seed44"
+    await trials.admit(conn, "r1", "acc1", [_adm(champ), _adm(challenger)])
+    await _stop(conn, challenger)
     with pytest.raises(ReusedChampionSlot):
-        await expid.replace_champion_slot(conn, 1, champ, 43, "acc1", force_replace=False)
-    await trials.admit(conn, "r1", "acc1", [_adm(champ)])
-    await expid.replace_champion_slot(conn, 1, champ, 43, "acc1", force_replace=True)
+        await expid.bind_champion_slot(conn, 4, champ, "acc1", force_replace=False)
+    state = await expid.bind_champion_slot(conn, 1, champ, "acc1", force_replace=False)
+    assert state.changed and state.replaced is None  # an empty slot takes it
     with pytest.raises(SlotStillOccupied, match="kill it"):
-        await expid.replace_champion_slot(
-            conn, 1, "IGLA-TRAIN_V2-FP32-CHAMP-seed44", 44, "acc1", force_replace=True
-        )
-    with pytest.raises(CrossAccountKillForbidden):
-        await expid.replace_champion_slot(
-            conn, 1, "IGLA-TRAIN_V2-FP32-CHAMP-seed44", 44, "acc2", force_replace=True
-        )
-    await trials.kill(conn, champ, "acc1")
-    await conn.execute(
-        "UPDATE igla_race_trials SET observed_state = 'stopped' WHERE canon_name = $1", champ
-    )
-    state = await expid.replace_champion_slot(
-        conn, 1, "IGLA-TRAIN_V2-FP32-CHAMP-seed44", 44, "acc1", force_replace=True
-    )
-    assert state.canon_name == "IGLA-TRAIN_V2-FP32-CHAMP-seed44"
+        await expid.bind_champion_slot(conn, 1, challenger, "acc1", force_replace=True)
+    with pytest.raises(CrossAccountKillForbidden, match="belongs to acc1"):
+        await expid.bind_champion_slot(conn, 1, challenger, "acc2", force_replace=True)
+    await _stop(conn, champ)
+    state = await expid.bind_champion_slot(conn, 1, challenger, "acc1", force_replace=True)
+    assert (state.canon_name, state.replaced) == (challenger, champ)
+    assert await conn.fetchval(
+        "SELECT desired_state FROM igla_race_trials WHERE canon_name = $1", challenger
+    ) == "running"  # bound: the trial's service is wanted again
+    audit = await conn.fetch(
+        "SELECT canon_name, action FROM gardener_decisions WHERE action LIKE 'champion:%' "
+        "ORDER BY id")
+    assert [(r["canon_name"], r["action"]) for r in audit] == [
+        (champ, "champion:E0001"), (challenger, "champion:E0001")]
+
+
+async def test_another_account_cannot_take_a_champion_slot(conn: asyncpg.Connection) -> None:
+    """Issue 11, finding 4: acc2 force-replacing E0004 with its own E0005 is refused, and so
+    is acc1 binding a name that is not an admitted trial or is another account's."""
+    await _race(conn, "r2", "acc2")
+    mine = "IGLA-HYBRID-FP32-WSD-E0005-seed1"
+    await trials.admit(conn, "r2", "acc2", [_adm(mine)])
+    before = dict(await conn.fetchrow("SELECT * FROM champion_slots WHERE exp_id = 4"))
+    assert before["account"] == "acc1"
+    with pytest.raises(CrossAccountKillForbidden, match="E0004 belongs to acc1, not acc2"):
+        await expid.bind_champion_slot(conn, 4, mine, "acc2", force_replace=True)
+    with pytest.raises(CrossAccountKillForbidden, match="belongs to acc2"):
+        await expid.bind_champion_slot(conn, 4, mine, "acc1", force_replace=True)
+    with pytest.raises(UnknownTrial, match="admit it first"):
+        await expid.bind_champion_slot(
+            conn, 4, "IGLA-HYBRID-FP32-WSD-E0099-seed9", "acc1", force_replace=True)
+    after = dict(await conn.fetchrow("SELECT * FROM champion_slots WHERE exp_id = 4"))
+    assert after == before
+    assert await conn.fetchval("SELECT count(*) FROM gardener_decisions") == 0
+
+
+async def test_champion_seeds_are_used_seeds(conn: asyncpg.Connection) -> None:
+    """NEVER REUSE from the first migration on: the champion's seed 42 is taken."""
+    await _race(conn)
+    with pytest.raises(SeedReused, match=r"seed 42 .* IGLA-TRAIN_V2-FP32-CHAMP-seed42"):
+        await trials.admit(conn, "r1", "acc1", [_adm("IGLA-TRAIN_V2-FP32-CHAMP-seed42")])
+    assert await trials.used_seeds(conn, "IGLA-TRAIN_V2-FP32-CHAMP") == frozenset({42})
+    assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == 0
+
+
+async def test_an_ordinary_used_exp_id_is_not_a_champion_slot_error(
+    conn: asyncpg.Connection,
+) -> None:
+    await expid.claim_exact(conn, 5, "acc1", None)
+    with pytest.raises(ExpIdReused, match="E0005 is already used") as info:
+        await expid.claim_exact(conn, 5, "acc2", None)
+    assert not isinstance(info.value, ReusedChampionSlot)
 
 
 async def test_pause_flag_sends_notify(conn: asyncpg.Connection, db_dsn: str) -> None:

@@ -2,8 +2,9 @@
 
 ``tests/unit/test_documents.py`` validates each one against Railway's public schema, shipped
 beside this module as ``schema.graphql`` (read it with :func:`schema_sdl`), so a document
-that would fail against the real API fails in CI first. Optional variables are declared nullable and left out of the request when
-unused: sending ``null`` tells Railway to unset a field.
+that would fail against the real API fails in CI first. Optional variables are declared
+nullable and left out of the request when unused: sending ``null`` tells Railway to unset a
+field.
 """
 
 from __future__ import annotations

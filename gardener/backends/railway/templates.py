@@ -1,8 +1,18 @@
-"""Trainer service templates from ``configs/railway.toml`` and the specs built from them."""
+"""Trainer service templates from ``configs/railway.toml`` and the specs built from them.
+
+Out of the box a trainer service is built from the gardener's own repository (its Dockerfile
+runs either ``gardener run`` or, with the template's start command, the trainer): ``repo`` and
+``branch`` may name environment variables (``${RAILWAY_GIT_REPO_OWNER}``...), which Railway
+sets for a service deployed from GitHub. Samples: with ``ingest = "auto"`` a trainer POSTs them
+to the gardener's ``/v1/samples`` when the gardener's address is known (``ingest_url``, else
+``RAILWAY_PRIVATE_DOMAIN`` and ``PORT``, else ``RAILWAY_PUBLIC_DOMAIN``) and the account has
+an ingest token; otherwise the gardener tails the deployment's log.
+"""
 
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +26,7 @@ from gardener.errors import ConfigError
 
 INGEST_URL_VAR = "GARDENER_INGEST_URL"
 INGEST_TOKEN_VAR = "GARDENER_INGEST_TOKEN"
+INGEST_MODES = ("auto", "http", "logs")
 _KEYS = {
     "repo", "branch", "image", "start_command", "restart_policy", "max_retries", "ingest",
     "ingest_url", "ingest_token_env", "variables",
@@ -32,7 +43,7 @@ class ServiceTemplate:
     start_command: str = "python -m gardener.trainer"
     restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
     max_retries: int = 2
-    ingest: str = "logs"
+    ingest: str = "auto"
     ingest_url: str | None = None
     ingest_token_env: str = "GARDENER_INGEST_TOKEN_{ACCOUNT}"
     variables: Mapping[str, str] = field(default_factory=dict)
@@ -72,8 +83,8 @@ def _template(raw: Mapping[str, Any], where: str) -> ServiceTemplate:
         policy = RestartPolicy(raw.get("restart_policy", "ON_FAILURE"))
     except ValueError:
         raise ConfigError(f"{where}: restart_policy must be ALWAYS, NEVER or ON_FAILURE") from None
-    if raw.get("ingest", "logs") not in ("logs", "http"):
-        raise ConfigError(f"{where}: ingest must be 'logs' or 'http'")
+    if raw.get("ingest", "auto") not in INGEST_MODES:
+        raise ConfigError(f"{where}: ingest must be one of {', '.join(INGEST_MODES)}")
     variables = raw.get("variables", {})
     if not all(isinstance(v, str) for v in variables.values()):
         raise ConfigError(f"{where}: variables must be strings")
@@ -82,10 +93,49 @@ def _template(raw: Mapping[str, Any], where: str) -> ServiceTemplate:
         image=raw.get("image") or None,
         start_command=raw.get("start_command", "python -m gardener.trainer"),
         restart_policy=policy, max_retries=int(raw.get("max_retries", 2)),
-        ingest=raw.get("ingest", "logs"), ingest_url=raw.get("ingest_url") or None,
+        ingest=raw.get("ingest", "auto"), ingest_url=raw.get("ingest_url") or None,
         ingest_token_env=raw.get("ingest_token_env", "GARDENER_INGEST_TOKEN_{ACCOUNT}"),
         variables=dict(variables),
     )
+
+
+def gardener_ingest_url(configured: str | None, environ: Mapping[str, str]) -> str | None:
+    """Where trainers reach the gardener's ``/v1/samples``: the configured URL, else its
+    Railway private domain (``http://<domain>:<PORT>``), else its public domain (https)."""
+    if configured:
+        return configured
+    if environ.get("RAILWAY_PRIVATE_DOMAIN"):
+        port = environ.get("PORT") or "8080"
+        return f"http://{environ['RAILWAY_PRIVATE_DOMAIN']}:{port}/v1/samples"
+    if environ.get("RAILWAY_PUBLIC_DOMAIN"):
+        return f"https://{environ['RAILWAY_PUBLIC_DOMAIN']}/v1/samples"
+    return None
+
+
+def _expand(value: str | None, what: str, environ: Mapping[str, str]) -> str | None:
+    """``${VAR}`` in a template value, from the environment; a missing one is a clear error."""
+    if not value or "$" not in value:
+        return value
+    try:
+        return string.Template(value).substitute(environ)
+    except KeyError as exc:
+        raise ConfigError(
+            f"railway.toml: {what} = {value!r} needs ${exc.args[0]} (Railway sets it for a "
+            "gardener deployed from its GitHub repository); or set repo or image in "
+            "railway.toml (GARDENER_RAILWAY_CONFIG)"
+        ) from None
+
+
+def source_of(
+    tpl: ServiceTemplate, environ: Mapping[str, str] | None = None
+) -> tuple[str | None, str | None, str | None]:
+    """(image, repo, branch) of a template, its ``${VAR}``s expanded; one of image or repo."""
+    env = os.environ if environ is None else environ
+    image = _expand(tpl.image, "image", env)
+    repo = None if image else _expand(tpl.repo, "repo", env)
+    if not image and not repo:
+        raise ConfigError("railway.toml: the trainer template has neither image nor repo")
+    return image, repo, (_expand(tpl.branch, "branch", env) if repo else None)
 
 
 def trainer_spec(
@@ -99,17 +149,24 @@ def trainer_spec(
     environ: Mapping[str, str] | None = None,
 ) -> ServiceSpec:
     """The spec of one trainer service: template, then TRAIN_* variables, then ingest."""
+    env = os.environ if environ is None else environ
     tpl = templates.for_model(parse(canon_name).model)
+    image, repo, branch = source_of(tpl, env)
     variables = {**tpl.variables, **train_variables}
-    if tpl.ingest == "http":
-        env = os.environ if environ is None else environ
+    if tpl.ingest != "logs":
         token_env = tpl.ingest_token_env.format(ACCOUNT=account.upper())
-        if not tpl.ingest_url or not env.get(token_env):
-            raise ConfigError(f"ingest = 'http' needs ingest_url and ${token_env}")
-        variables[INGEST_URL_VAR] = tpl.ingest_url
-        variables[INGEST_TOKEN_VAR] = env[token_env]
+        url = gardener_ingest_url(tpl.ingest_url, env)
+        if url and env.get(token_env):
+            variables[INGEST_URL_VAR] = url
+            variables[INGEST_TOKEN_VAR] = env[token_env]
+        elif tpl.ingest == "http":
+            raise ConfigError(
+                f"ingest = 'http' needs the gardener's URL (ingest_url, RAILWAY_PRIVATE_DOMAIN "
+                f"or RAILWAY_PUBLIC_DOMAIN) and ${token_env}"
+            )
     return ServiceSpec(
         canon_name=canon_name, account=account, desired=desired, variables=variables,
-        start_command=tpl.start_command, image=tpl.image, repo=tpl.repo, branch=tpl.branch,
+        start_command=tpl.start_command, image=image, repo=repo,
+        branch=branch,
         restart_policy=tpl.restart_policy, max_retries=tpl.max_retries, race=race,
     )

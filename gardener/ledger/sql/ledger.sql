@@ -33,19 +33,21 @@ UPDATE exp_ids SET canon_name = $2 WHERE exp_id = $1 AND canon_name IS NULL AND 
 RETURNING exp_id
 
 -- name: champion_slots
-SELECT s.exp_id, s.canon_name, s.bpb, s.seed, s.locked, s.note,
+SELECT s.exp_id, s.canon_name, s.bpb, s.seed, s.locked, s.note, s.account AS owner,
        t.desired_state, t.observed_state, t.account
 FROM champion_slots s LEFT JOIN igla_race_trials t ON t.canon_name = s.canon_name
+WHERE ($1::text IS NULL OR s.account = $1)
 ORDER BY s.exp_id
 
 -- name: champion_slot_for_update
-SELECT s.exp_id, s.canon_name, s.locked, t.desired_state, t.observed_state, t.account
+SELECT s.exp_id, s.canon_name, s.locked, s.account AS owner, t.desired_state,
+       t.observed_state, t.account
 FROM champion_slots s LEFT JOIN igla_race_trials t ON t.canon_name = s.canon_name
 WHERE s.exp_id = $1
 FOR UPDATE OF s
 
 -- name: rebind_champion_slot
-UPDATE champion_slots SET canon_name = $2, bpb = NULL, seed = $3, note = $4, updated_at = now()
+UPDATE champion_slots SET canon_name = $2, seed = $3, bpb = $4, note = $5, updated_at = now()
 WHERE exp_id = $1
 
 -- name: ensure_race
@@ -113,10 +115,39 @@ WHERE id = $1 AND acknowledged_at IS NULL
 RETURNING id
 
 -- name: ledger_counts
-SELECT (SELECT count(*) FROM races) AS races,
-       (SELECT count(*) FROM igla_race_trials) AS trials,
-       (SELECT count(*) FROM bpb_samples) AS samples,
-       (SELECT count(*) FROM gardener_decisions) AS decisions,
-       (SELECT count(*) FROM sample_quarantine) AS quarantined,
-       (SELECT count(*) FROM tripwire_events WHERE acknowledged_at IS NULL) AS open_tripwires,
-       (SELECT count(*) FROM exp_ids) AS exp_ids_taken
+-- Everything, or only what concerns the account $1.
+SELECT (SELECT count(*) FROM races WHERE $1::text IS NULL OR account = $1) AS races,
+       (SELECT count(*) FROM igla_race_trials WHERE $1::text IS NULL OR account = $1) AS trials,
+       (SELECT count(*) FROM bpb_samples b WHERE $1::text IS NULL OR EXISTS (
+            SELECT 1 FROM igla_race_trials t WHERE t.canon_name = b.canon_name AND t.account = $1
+       )) AS samples,
+       (SELECT count(*) FROM gardener_decisions d WHERE $1::text IS NULL OR EXISTS (
+            SELECT 1 FROM races r WHERE r.name = d.race AND r.account = $1)) AS decisions,
+       (SELECT count(*) FROM sample_quarantine WHERE $1::text IS NULL OR account = $1)
+           AS quarantined,
+       (SELECT count(*) FROM tripwire_events e
+        LEFT JOIN igla_race_trials t ON t.canon_name = e.canon_name
+        LEFT JOIN races r ON r.name = e.race
+        WHERE e.acknowledged_at IS NULL
+          AND ($1::text IS NULL OR coalesce(t.account, r.account) = $1)) AS open_tripwires,
+       (SELECT count(*) FROM exp_ids WHERE $1::text IS NULL OR account = $1) AS exp_ids_taken
+
+-- name: trial_by_exp_id
+SELECT * FROM igla_race_trials WHERE exp_id = $1
+
+-- name: trials_by_seed
+-- A trial named by its seed alone (`--leader 200`): the account's trials with that seed,
+-- running ones first.
+SELECT * FROM igla_race_trials WHERE account = $1 AND seed = $2
+ORDER BY desired_state = 'running' DESC, created_at DESC, canon_name
+
+-- name: tripwire_list
+-- Open (or, with $1, all) tripwire events; with $2 only those of that account's trials and races.
+SELECT e.id, e.kind, e.race, e.canon_name, e.evidence, e.fired_at, e.acknowledged_by,
+       coalesce(t.account, r.account) AS account
+FROM tripwire_events e
+LEFT JOIN igla_race_trials t ON t.canon_name = e.canon_name
+LEFT JOIN races r ON r.name = e.race
+WHERE ($1 OR e.acknowledged_at IS NULL)
+  AND ($2::text IS NULL OR coalesce(t.account, r.account) = $2)
+ORDER BY e.id

@@ -33,10 +33,17 @@ UPDATE races SET status = $2, finished_at = CASE WHEN $2 = 'running' THEN NULL E
 WHERE name = $1
 
 -- name: leaderboard
--- Final BPB is the value at the trial's last step; best is its lowest value.
+-- Final BPB is the value at the trial's last step; best is its lowest value. The gate's step
+-- is the race's horizon; open tripwires name the trial or its race. $2: one account only.
 SELECT t.canon_name, t.seed, t.variant, t.race, t.account, t.desired_state, t.observed_state,
-       t.seed_state, t.rung, s.final_step, s.final_bpb, s.best_bpb, coalesce(s.samples, 0) AS samples
+       t.seed_state, t.rung, s.final_step, s.final_bpb, s.best_bpb, coalesce(s.samples, 0) AS samples,
+       coalesce(t.steps, r.horizon) AS horizon,
+       (SELECT count(*) FROM tripwire_events e
+        WHERE e.acknowledged_at IS NULL
+          AND (e.canon_name = t.canon_name OR (e.canon_name IS NULL AND e.race = t.race)))
+           AS open_tripwires
 FROM igla_race_trials t
+JOIN races r ON r.name = t.race
 LEFT JOIN LATERAL (
     SELECT max(b.step) AS final_step,
            (array_agg(b.bpb ORDER BY b.step DESC))[1] AS final_bpb,
@@ -45,7 +52,12 @@ LEFT JOIN LATERAL (
     FROM bpb_samples b WHERE b.canon_name = t.canon_name AND b.seed = t.seed
 ) s ON true
 WHERE ($1::text IS NULL OR t.race = $1)
+  AND ($2::text IS NULL OR t.account = $2)
 ORDER BY t.canon_name
+
+-- name: latest_race_of
+SELECT name FROM races WHERE ($1::text IS NULL OR account = $1) ORDER BY created_at DESC, name DESC
+LIMIT 1
 
 -- name: trial_names
 SELECT canon_name FROM igla_race_trials WHERE race = $1 ORDER BY canon_name
