@@ -31,7 +31,7 @@ from gardener import logs
 from gardener.backends import make_backend
 from gardener.ledger import db
 from gardener.race import report as report_mod
-from gardener.race import smoke
+from gardener.race import smoke, smoke_config
 from gardener.settings import Settings
 from gardener.trainer.data import describe
 
@@ -93,7 +93,7 @@ async def fresh_database(server: str) -> str:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     dsn = args.dsn or await fresh_database(args.server)
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="gardener-smoke-bench-"))
-    cfg = smoke.load_config(args.config).with_overrides(
+    cfg = smoke_config.load_config(args.config).with_overrides(
         tags=args.tags, seeds_per_tag=args.seeds_per_tag, max_steps=args.max_steps,
         wallclock=args.wallclock,
     )

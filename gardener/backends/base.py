@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+# The one status vocabulary lives in the core; backends and their callers take it from here.
+from gardener.core.types import ACTIVE as ACTIVE
+from gardener.core.types import FINAL as FINAL
 from gardener.core.types import DesiredState
+from gardener.core.types import Status as Status
 from gardener.errors import GardenerError
 
 OWNED_VAR = "GARDENER_OWNED"
@@ -21,22 +25,6 @@ CANON_VAR = "GARDENER_CANON_NAME"
 ACCOUNT_VAR = "GARDENER_ACCOUNT"
 RACE_VAR = "GARDENER_RACE"
 MARKER_VARS = (OWNED_VAR, CANON_VAR, ACCOUNT_VAR, RACE_VAR)
-
-
-class Status(StrEnum):
-    """A service's observed status, the same words for every backend."""
-
-    PENDING = "pending"  # queued, initializing, deploying: on its way to running
-    BUILDING = "building"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"  # exited cleanly (the trainer finished)
-    CRASHED = "crashed"  # exited non-zero; the restart policy still has retries
-    FAILED = "failed"  # crashed with no retries left, or the build failed
-    STOPPED = "stopped"  # exists, nothing running (never deployed, or stopped)
-    REMOVED = "removed"
-
-
-ACTIVE = frozenset({Status.PENDING, Status.BUILDING, Status.RUNNING})
 
 
 class RestartPolicy(StrEnum):

@@ -13,13 +13,13 @@ import asyncpg
 import typer
 
 from gardener import logs
-from gardener.backends.base import Backend, BackendError, ServiceState
+from gardener.backends.base import ACTIVE, Backend, BackendError, ServiceState
 from gardener.cli.common import AccountOpt, JsonOpt, account_filter, emit, settings, with_db
 from gardener.errors import CrossAccountKillForbidden, UserError
 from gardener.ledger import db
 from gardener.race import criteria as crit
 from gardener.race import leaderboard as lb
-from gardener.race import smoke
+from gardener.race import smoke, smoke_config
 from gardener.settings import Settings
 
 DEFAULT_REPORT = Path("docs/SMOKE_GATE_0_REPORT.md")
@@ -129,7 +129,7 @@ class _LiveTable:
         t.add_column("state", no_wrap=True, min_width=7, overflow="ellipsis")
         for r in p.rows:
             bpb = "" if r["bpb"] is None else f"{r['bpb']:.4f}"
-            stopping = r["desired"] != "running" and r["observed"] in crit.RUNNING_OBSERVED
+            stopping = r["desired"] != "running" and r["observed"] in ACTIVE
             state = f"{r['observed']}, stopping" if stopping else str(r["observed"])
             cells = [r["canon_name"], str(r["step"] or ""), bpb]
             cells += [str(r["samples"])] if wide else []
@@ -164,7 +164,7 @@ def smoke_race_cmd(
     SIGTERM (every trainer of the race stopped, the race marked torn_down).
     """
     s = settings()
-    cfg = smoke.load_config(config).with_overrides(
+    cfg = smoke_config.load_config(config).with_overrides(
         tags=tags, seeds_per_tag=seeds_per_tag, max_steps=max_steps, wallclock=wallclock,
         account=s.require_account(acct) if acct else None, auto_teardown=auto_teardown,
         report=str(report) if report else None, backend=backend,

@@ -10,7 +10,6 @@ transaction. A refused batch leaves the ledger exactly as it was.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +24,7 @@ from gardener.backends.base import ServiceState
 from gardener.backends.railway.templates import load_templates, trainer_spec
 from gardener.backends.reconcile import ReconcileReport, reconcile_once
 from gardener.cli.common import AccountOpt, JsonOpt, account, actor, by_exp_id, emit, settings
+from gardener.configfiles import read_toml
 from gardener.core import canon
 from gardener.errors import ConfigError, InvalidCanonName, UserError
 from gardener.ledger import db, migrate, trials
@@ -101,12 +101,10 @@ def check_railway_ready(s: Settings, who: str, parsed: list[canon.CanonName]) ->
 
 
 def load_batch_config(path: Path | None) -> dict[str, Any]:
+    """The ``[race]`` table of a batch's config file (nothing without one)."""
     if path is None:
         return {}
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    raw, _ = read_toml(path.name, path)
     race = raw.get("race", {})
     if not isinstance(race, dict):
         raise ConfigError(f"{path}: [race] must be a table")

@@ -38,6 +38,25 @@ class SeedState(StrEnum):
     UNKNOWN = "UNKNOWN"
 
 
+class Status(StrEnum):
+    """A service's observed status, the same words for every backend and in the ledger's
+    ``observed_state`` column."""
+
+    PENDING = "pending"  # queued, initializing, deploying: on its way to running
+    BUILDING = "building"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # exited cleanly (the trainer finished)
+    CRASHED = "crashed"  # exited non-zero; the restart policy still has retries
+    FAILED = "failed"  # crashed with no retries left, or the build failed
+    STOPPED = "stopped"  # exists, nothing running (never deployed, or stopped)
+    REMOVED = "removed"
+
+
+# A service that runs or is on its way to running; one that will write nothing more.
+ACTIVE = frozenset({Status.PENDING, Status.BUILDING, Status.RUNNING})
+FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.REMOVED})
+
+
 class DesiredState(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"

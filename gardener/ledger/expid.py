@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from gardener.core.types import ACTIVE
 from gardener.errors import (
     CrossAccountKillForbidden,
     ExpIdReused,
@@ -127,7 +128,7 @@ async def bind_champion_slot(
                 f"champion slot {slot} is locked ({row['canon_name']}); "
                 "use --force-replace after stopping its service"
             )
-        running = row["desired_state"] == "running" or row["observed_state"] in RUNNING_STATES
+        running = row["desired_state"] == "running" or row["observed_state"] in ACTIVE
         if row["canon_name"] is not None and row["desired_state"] is not None and running:
             raise SlotStillOccupied(
                 f"champion slot {slot} is occupied: {row['canon_name']} still "
@@ -165,5 +166,3 @@ async def bind_champion_slot(
         )
     return SlotState(exp_id, canon_name, replaced, changed=True)
 
-
-RUNNING_STATES = frozenset({"pending", "building", "deploying", "running", "initializing"})

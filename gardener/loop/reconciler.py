@@ -30,6 +30,7 @@ import asyncpg
 import structlog
 
 from gardener.backends.base import (
+    FINAL,
     Backend,
     BackendError,
     LogLine,
@@ -62,8 +63,6 @@ Q = Queries("loop.sql")
 QC = Queries("cursors.sql")
 log = structlog.get_logger("gardener.loop.reconciler")  # lazy: resolved after logs.configure
 
-# Backend statuses after which a service writes no more log lines.
-_FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.REMOVED})
 _STARTED = frozenset({"created", "deployed", "restarted"})
 # Railway log reads come out of the account's request budget: follow them slowly (trainers
 # there should also POST their samples to /v1/samples).
@@ -90,6 +89,7 @@ def build_spec(
     name = row["canon_name"]
     stored = {str(k): str(v) for k, v in dict(row["variables"] or {}).items()}
     variables: dict[str, str] = {}
+    parsed: canon_mod.CanonName | None = None
     if models is not None:
         try:
             parsed = canon_mod.parse(name, models=(*canon_mod.DEFAULT_MODELS, *models.models))
@@ -111,7 +111,7 @@ def build_spec(
         try:  # a Railway service needs its source, start command and ingest from the template
             return trainer_spec(
                 name, row["account"], merged, _railway_templates(settings.railway_config),
-                desired=desired, race=row["race"],
+                desired=desired, race=row["race"], parsed=parsed,
             )
         except GardenerError as exc:
             log.error("spec_template_failed", canon_name=name, error=str(exc))
@@ -279,7 +279,7 @@ class Reconciler:
         seen = {s.canon_name: s for s in observed if s.owned and s.canon_name}
         for name, s in seen.items():
             self.known[name] = (account, s.status)
-            if s.status not in _FINAL:
+            if s.status not in FINAL:
                 self.drained.discard(name)  # started again: follow its log again
         updates: list[tuple[str, str, str | None, str | None]] = []
         for r in rows:
@@ -287,7 +287,7 @@ class Reconciler:
             st = seen.get(name)
             new: tuple[str, str | None, str | None]
             if st is not None:
-                if self.sink is not None and st.status in _FINAL and name not in self.drained:
+                if self.sink is not None and st.status in FINAL and name not in self.drained:
                     continue  # "finished" is written once its last log lines are in the ledger
                 new = (st.status.value, st.service_id, st.deployment_id)
             elif r["desired_state"] == "removed" or (
@@ -308,7 +308,7 @@ class Reconciler:
 
     # -- logs ---------------------------------------------------------------------------------
     def _drained(self, name: str, status: Status) -> None:
-        if status in _FINAL and name not in self.drained:
+        if status in FINAL and name not in self.drained:
             self.drained.add(name)
             self.state.reconcile_wakeup.set()  # its final state can be written now
 
@@ -381,10 +381,10 @@ class Reconciler:
 
         async with anyio.create_task_group() as tg:
             for name, (account, status) in list(self.known.items()):
-                if name in self.drained or (name in self.posting and status not in _FINAL):
+                if name in self.drained or (name in self.posting and status not in FINAL):
                     continue  # a posting trainer's log is only the fallback, read at its end
                 due, _ = self._tail_due.get(name, (now, 0.0))
-                if respect_backoff and due > now and status not in _FINAL:
+                if respect_backoff and due > now and status not in FINAL:
                     continue
                 tg.start_soon(one, name, account, status)
         if saved:

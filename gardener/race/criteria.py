@@ -1,16 +1,10 @@
 """The 14 Gate-0 acceptance criteria: each a real check against the ledger or the processes.
 
 Two kinds of check:
-- reads (1, 2, 3, 4, 6, 11, 12, 13, 14) look at what the race left in the ledger and in the
-  process table, so they can be re-run at any time and go RED on bad data;
-- probes (5, 7, 8, 9, 10) really attempt the forbidden thing through the same code path as the
-  CLI (admission, champion deploy, kill, claim) and check it was refused and changed nothing.
-  Probes 5, 7, 8 and 9 run inside a transaction that is always rolled back, so whatever the
-  code under test did (even a wrong success) leaves the ledger as it was; probe 10 really takes
-  EXP_IDs (a claim is the thing under test, and the ids it takes are never handed out again).
-
-The code path a probe exercises is a parameter (the real function by default), so a test can
-hand in a broken one and see the criterion go RED.
+- reads (1, 2, 3, 4, 6, 11, 12, 13, 14), here, look at what the race left in the ledger and in
+  the process table, so they can be re-run at any time and go RED on bad data;
+- probes (5, 7, 8, 9, 10), in ``probes.py``, really attempt the forbidden thing through the
+  CLI's own code path; their outcomes come back here to be evaluated with the reads.
 """
 
 from __future__ import annotations
@@ -21,27 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 import asyncpg
 
 from gardener.backends.base import ACTIVE, ServiceState
-from gardener.core import canon as canon_mod
-from gardener.errors import (
-    CrossAccountKillForbidden,
-    GF16HiddenTooSmall,
-    ReusedChampionSlot,
-    SlotStillOccupied,
-)
-from gardener.ledger import db, expid, trials
 from gardener.ledger.queries import Queries
-from gardener.loop import hand
 
 Q = Queries("race.sql")
 
 GREEN = "GREEN"
 RED = "RED"
 SMOKE_DONE = "SMOKE_DONE"
-RUNNING_OBSERVED = frozenset({"pending", "building", "deploying", "running", "initializing"})
 
 TITLES: dict[int, str] = {
     1: "a step=10 BPB line from every service within 2 minutes",
@@ -109,7 +92,8 @@ class Criterion:
                    dict(d.get("details") or {}))
 
 
-def _c(number: int, green: bool, evidence: str, **details: Any) -> Criterion:
+def outcome(number: int, green: bool, evidence: str, **details: Any) -> Criterion:
+    """Criterion ``number`` with its title, GREEN or RED, and the evidence."""
     return Criterion(number, TITLES[number], green, evidence, details)
 
 
@@ -140,7 +124,7 @@ async def first_samples(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion
             if r["at_step"] and float(r["latency_s"]) > limit]
     lat = [float(r["latency_s"]) for r in rows if r["at_step"]]
     if not rows:
-        return _c(1, False, "the race has no trials")
+        return outcome(1, False, "the race has no trials")
     if missing or late:
         parts = []
         if missing:
@@ -148,8 +132,8 @@ async def first_samples(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion
         if late:
             parts.append(f"{len(late)} later than {limit:.0f} s: "
                          + ", ".join(f"{n} {s:.1f} s" for n, s in late[:3]))
-        return _c(1, False, "; ".join(parts), missing=missing, late=late)
-    return _c(1, True, f"step {step} from all {len(rows)} trials; slowest {max(lat):.1f} s, "
+        return outcome(1, False, "; ".join(parts), missing=missing, late=late)
+    return outcome(1, True, f"step {step} from all {len(rows)} trials; slowest {max(lat):.1f} s, "
               f"median {sorted(lat)[len(lat) // 2]:.1f} s after admission (limit {limit:.0f} s)",
               max_latency_s=max(lat))
 
@@ -171,10 +155,10 @@ async def lr8_tokens(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
             b0 = bad[0]
             parts.append(f"{len(bad)} stored value(s) not of the form d.dddd, e.g. "
                          f"{b0['canon_name']} step {b0['step']} = {b0['bpb']!r}")
-        return _c(2, False, "; ".join(parts), quarantined=len(rejected), malformed=len(bad))
+        return outcome(2, False, "; ".join(parts), quarantined=len(rejected), malformed=len(bad))
     if not total:
-        return _c(2, False, "no samples stored for the race: nothing obeyed L-R8")
-    return _c(2, True, f"{total} samples, all d.dddd; no BPB line of the race in quarantine",
+        return outcome(2, False, "no samples stored for the race: nothing obeyed L-R8")
+    return outcome(2, True, f"{total} samples, all d.dddd; no BPB line of the race in quarantine",
               samples=int(total))
 
 
@@ -183,13 +167,13 @@ async def samples_per_seed(conn: asyncpg.Connection, ctx: RaceContext) -> Criter
     need = ctx.config.samples_needed(ctx.max_steps, ctx.eval_every)
     rows = await conn.fetch(Q.samples_per_trial, ctx.race)
     if not rows:
-        return _c(3, False, "the race has no trials")
+        return outcome(3, False, "the race has no trials")
     short = [(r["canon_name"], int(r["samples"])) for r in rows if int(r["samples"]) <= need]
     counts = [int(r["samples"]) for r in rows]
     if short:
-        return _c(3, False, f"{len(short)} trial(s) with at most {need} rows: "
+        return outcome(3, False, f"{len(short)} trial(s) with at most {need} rows: "
                   + ", ".join(f"{n} ({k})" for n, k in short[:3]), short=short, needed=need)
-    return _c(3, True, f"every one of {len(rows)} seeds has more than {need} rows "
+    return outcome(3, True, f"every one of {len(rows)} seeds has more than {need} rows "
               f"(min {min(counts)}, max {max(counts)})", needed=need, min_rows=min(counts))
 
 
@@ -200,9 +184,9 @@ async def one_row_per_name(conn: asyncpg.Connection, ctx: RaceContext) -> Criter
     extra = sorted(set(names) - set(expected))
     missing = sorted(set(expected) - set(names))
     if len(names) != len(expected) or extra or missing or len(set(names)) != len(names):
-        return _c(4, False, f"{len(names)} rows for {len(expected)} planned names; missing "
+        return outcome(4, False, f"{len(names)} rows for {len(expected)} planned names; missing "
                   f"{missing[:3]}, unexpected {extra[:3]}", missing=missing, extra=extra)
-    return _c(4, True, f"{len(names)} rows, one per planned canon name", rows=len(names))
+    return outcome(4, True, f"{len(names)} rows, one per planned canon name", rows=len(names))
 
 
 async def leaderboard_gate0(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
@@ -220,9 +204,9 @@ async def leaderboard_gate0(conn: asyncpg.Connection, ctx: RaceContext) -> Crite
     if short:
         why += f"; {len(short)} trial(s) ended before step {ctx.max_steps}: {short[0]}"
     if not ok:
-        return _c(6, False, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
+        return outcome(6, False, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
                   f"(need {n}); {why}", rows=len(board.rows))
-    return _c(6, True, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
+    return outcome(6, True, f"{len(board.rows)} rows, {len(set(finals))} distinct final BPB "
               f"(best {min(finals):.4f}, worst {max(finals):.4f})", rows=len(board.rows))
 
 
@@ -231,7 +215,7 @@ async def corpus_reported(conn: asyncpg.Connection, ctx: RaceContext) -> Criteri
     limit = ctx.config.corpus_within_s
     rows = await conn.fetch(Q.corpus_reports, ctx.race)
     if not rows:
-        return _c(11, False, "the race has no trials")
+        return outcome(11, False, "the race has no trials")
     problems: list[str] = []
     for r in rows:
         if r["corpus_sha256"] is None:
@@ -243,11 +227,11 @@ async def corpus_reported(conn: asyncpg.Connection, ctx: RaceContext) -> Criteri
         elif r["latency_s"] is None or float(r["latency_s"]) > limit:
             problems.append(f"{r['canon_name']}: reported after {r['latency_s']} s")
     if problems:
-        return _c(11, False, f"{len(problems)} trial(s) off: " + "; ".join(problems[:3]),
+        return outcome(11, False, f"{len(problems)} trial(s) off: " + "; ".join(problems[:3]),
                   problems=problems)
     slowest = max(float(r["latency_s"]) for r in rows)
     sha = (ctx.corpus_sha256 or "")[:12]
-    return _c(11, True, f"all {len(rows)} reported corpus={ctx.corpus} sha256={sha}..., the "
+    return outcome(11, True, f"all {len(rows)} reported corpus={ctx.corpus} sha256={sha}..., the "
               f"slowest after {slowest:.1f} s", max_latency_s=slowest)
 
 
@@ -257,9 +241,9 @@ async def no_tripwires(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
     if rows:
         kinds = sorted({r["kind"] for r in rows})
         first = rows[0]
-        return _c(12, False, f"{len(rows)} open tripwire(s) ({', '.join(kinds)}), e.g. "
+        return outcome(12, False, f"{len(rows)} open tripwire(s) ({', '.join(kinds)}), e.g. "
                   f"{first['dedupe_key']}: {first['evidence']}", kinds=kinds, count=len(rows))
-    return _c(12, True, "no open tripwire event for the race or any of its trials")
+    return outcome(12, True, "no open tripwire event for the race or any of its trials")
 
 
 def live_processes(
@@ -335,10 +319,10 @@ async def teardown_clean(
             parts.append(f"{len(wanted)} trial(s) still desired running")
         if observed is None:
             parts.append("the backend could not be observed")
-        return _c(13, False, "; ".join(parts), processes=procs, active=len(active))
+        return outcome(13, False, "; ".join(parts), processes=procs, active=len(active))
     seen = sum(1 for s in observed if s.canon_name in names)
-    return _c(13, True, f"no live process of the race; observe() lists {seen} of its services, "
-              "none active; every trial desired stopped", observed=seen)
+    return outcome(13, True, f"no live process of the race; observe() lists {seen} of its "
+                   "services, none active; every trial desired stopped", observed=seen)
 
 
 async def smoke_done(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
@@ -348,8 +332,8 @@ async def smoke_done(conn: asyncpg.Connection, ctx: RaceContext) -> Criterion:
     done = verdict is not None and bool((verdict["numbers"] or {}).get("smoke_done"))
     if status == "done" and done:
         assert verdict is not None
-        return _c(14, True, f"verdict #{verdict['id']}: {verdict['reason']}; race status done")
-    return _c(14, False, f"race status {status!r}; verdict "
+        return outcome(14, True, f"verdict #{verdict['id']}: {verdict['reason']}; race status done")
+    return outcome(14, False, f"race status {status!r}; verdict "
               f"{verdict['reason'] if verdict else 'not recorded'}")
 
 
@@ -372,213 +356,6 @@ async def record_verdict(
         await conn.fetchval(Q.insert_race_verdict, race, numbers, reason, by)
         await conn.execute(Q.set_race_status, race, "done" if ok else "failed")
     return ok
-
-
-# ---- probes ---------------------------------------------------------------------------------
-
-
-class _Rollback(Exception):
-    """Raised to leave a probe's transaction without committing anything."""
-
-
-async def _in_rollback(
-    conn: asyncpg.Connection, body: Callable[[], Awaitable[Criterion]]
-) -> Criterion:
-    result: list[Criterion] = []
-    try:
-        async with conn.transaction():
-            result.append(await body())
-            raise _Rollback
-    except _Rollback:
-        pass
-    return result[0]
-
-
-AdmitFn = Callable[..., Awaitable[list[str]]]
-DeployFn = Callable[..., Awaitable[expid.SlotState]]
-KillFn = Callable[..., Awaitable[Any]]
-ClaimFn = Callable[[asyncpg.Connection, str, int, str], Awaitable[list[int]]]
-
-
-async def probe_lr9(
-    conn: asyncpg.Connection, ctx: RaceContext, *, seed: int, admit: AdmitFn = trials.admit
-) -> Criterion:
-    """5: admit a GF16 trial with a too small hidden size into the race; it must be refused
-    with GF16HiddenTooSmall and the ledger (trials, seeds, EXP_IDs) must not move."""
-    name = f"{ctx.config.lr9_probe}-seed{seed}"
-    parsed = canon_mod.parse(name)
-    h = ctx.config.lr9_hidden
-
-    async def body() -> Criterion:
-        before = dict(await conn.fetchrow(Q.ledger_footprint))
-        err: Exception | None = None
-        try:
-            await admit(conn, ctx.race, ctx.account,
-                        [trials.Admission(parsed, hidden_size=h, steps=ctx.max_steps)])
-        except GF16HiddenTooSmall as exc:
-            err = exc
-        except Exception as exc:  # a different refusal is a RED, with what it was
-            return _c(5, False, f"admitting {name} with h={h} raised {type(exc).__name__}: {exc}")
-        after = dict(await conn.fetchrow(Q.ledger_footprint))
-        if err is None:
-            return _c(5, False, f"{name} with h={h} was ADMITTED (ledger {before} -> {after})")
-        if after != before:
-            return _c(5, False, f"refused, but the ledger changed: {before} -> {after}")
-        return _c(5, True, f"admitting {name} with h={h} raised GF16HiddenTooSmall ({err}); "
-                  f"ledger unchanged ({after['trials']} trials)", ledger=after)
-
-    return await _in_rollback(conn, body)
-
-
-async def probe_used_slot(
-    conn: asyncpg.Connection, ctx: RaceContext, *, deploy: DeployFn = expid.bind_champion_slot
-) -> Criterion:
-    """7: `tri champion deploy NAME --slot 4` (no --force-replace) into the used slot must
-    fail with ReusedChampionSlot and change nothing, while the same deploy into an empty slot
-    is taken: the refusal is about the slot being used, not about every slot."""
-    slot, empty = ctx.config.used_slot, ctx.config.probe_slot
-    name = ctx.expected_names[0]
-
-    async def body() -> Criterion:
-        before = dict(await conn.fetchrow(Q.champion_slot, slot))
-        try:
-            state = await deploy(conn, slot, name, ctx.account, force_replace=False)
-        except ReusedChampionSlot as exc:
-            after = dict(await conn.fetchrow(Q.champion_slot, slot))
-            if after != before:
-                return _c(7, False, f"refused, but slot E{slot:04d} changed: {before} -> {after}")
-            refused = (f"deploying {name} into E{slot:04d} (held by "
-                       f"{before['canon_name'] or 'reserved'}) raised ReusedChampionSlot: {exc}")
-        except Exception as exc:
-            return _c(7, False, f"deploy raised {type(exc).__name__}: {exc}")
-        else:
-            return _c(7, False, f"deploy into used slot E{slot:04d} SUCCEEDED: {state}")
-        free = dict(await conn.fetchrow(Q.champion_slot, empty))
-        if free["canon_name"] is not None:
-            return _c(7, False, f"{refused}; but E{empty:04d} is not empty to compare: {free}")
-        try:
-            taken = await deploy(conn, empty, name, ctx.account, force_replace=False)
-        except Exception as exc:
-            return _c(7, False, f"{refused}; but the empty slot E{empty:04d} refused it too: "
-                      f"{type(exc).__name__}: {exc}")
-        return _c(7, True, f"{refused}; the empty E{empty:04d} took it ({taken.canon_name}, "
-                  "rolled back)")
-
-    return await _in_rollback(conn, body)
-
-
-async def probe_force_replace(
-    conn: asyncpg.Connection,
-    ctx: RaceContext,
-    *,
-    challenger: str,
-    deploy: DeployFn = expid.bind_champion_slot,
-) -> Criterion:
-    """8: occupy a reserved slot with a running trial of the race (force-replace of an empty
-    slot, which is allowed), then force-replace it with ``challenger``: SlotStillOccupied.
-
-    All inside one transaction that is rolled back: the slot is reserved again afterwards,
-    and no other session ever sees it bound."""
-    slot = ctx.config.probe_slot
-
-    async def body() -> Criterion:
-        holder = await conn.fetchrow(Q.running_trial_of_race, ctx.race)
-        if holder is None:
-            return _c(8, False, "no trial of the race is running: nothing can occupy a slot")
-        before = dict(await conn.fetchrow(Q.champion_slot, slot))
-        if before["canon_name"] is not None:
-            return _c(8, False, f"E{slot:04d} is not a free reserved slot: {before}")
-        await deploy(conn, slot, holder["canon_name"], ctx.account, force_replace=True)
-        occupied = dict(await conn.fetchrow(Q.champion_slot, slot))
-        try:
-            state = await deploy(conn, slot, challenger, ctx.account, force_replace=True)
-        except SlotStillOccupied as exc:
-            after = dict(await conn.fetchrow(Q.champion_slot, slot))
-            if after != occupied:
-                return _c(8, False, f"refused, but the slot changed: {occupied} -> {after}")
-            return _c(8, True, f"E{slot:04d} held by running {holder['canon_name']} (observed "
-                      f"{holder['observed_state']}); --force-replace with {challenger} raised "
-                      f"SlotStillOccupied: {exc} (rolled back: E{slot:04d} reserved again)")
-        except Exception as exc:
-            return _c(8, False, f"force-replace raised {type(exc).__name__}: {exc}")
-        return _c(8, False, f"force-replace of occupied E{slot:04d} SUCCEEDED: {state}")
-
-    return await _in_rollback(conn, body)
-
-
-async def probe_cross_account_kill(
-    conn: asyncpg.Connection,
-    ctx: RaceContext,
-    *,
-    victim_account: str = "acc2",
-    kill: KillFn = hand.kill,
-) -> Criterion:
-    """9: admit a trial of ``victim_account`` in a tiny race that is never started (inside
-    the rolled-back transaction), then kill it as the race's account through the CLI's
-    ``hand.kill`` (the daemon's apply path)."""
-    race = f"{ctx.race}-{victim_account}-probe"
-    name = "IGLA-HYBRID-FP32-XACCT-SMOKE-seed1"
-    parsed = canon_mod.parse(name)
-
-    async def body() -> Criterion:
-        await trials.ensure_race(conn, race, victim_account, kind="smoke", horizon=1)
-        await trials.admit(conn, race, victim_account, [trials.Admission(parsed, steps=1)])
-        before = dict(await conn.fetchrow(Q.trial_state, name))
-        try:
-            changed = await kill(conn, name, ctx.account, by="smoke-probe")
-        except CrossAccountKillForbidden as exc:
-            after = dict(await conn.fetchrow(Q.trial_state, name))
-            if after != before:
-                return _c(9, False, f"refused, but {name} changed: {before} -> {after}")
-            return _c(9, True, f"{ctx.account} killing {name} of {victim_account} raised "
-                      f"CrossAccountKillForbidden: {exc}; the trial is unchanged "
-                      f"(desired {after['desired_state']})")
-        except Exception as exc:
-            return _c(9, False, f"kill raised {type(exc).__name__}: {exc}")
-        return _c(9, False, f"{ctx.account} killed {victim_account}'s {name} (changed={changed})")
-
-    return await _in_rollback(conn, body)
-
-
-async def probe_exp_claims(
-    dsn: str, ctx: RaceContext, *, claim: ClaimFn | None = None
-) -> Criterion:
-    """10: ``claim_workers`` claimers on their own connections, all at once, each taking
-    ``claim_count`` ids; no id may come back twice, and each is recorded for its account."""
-    workers, count = ctx.config.claim_workers, ctx.config.claim_count
-    do_claim: ClaimFn = claim or (lambda c, a, n, by: expid.claim(c, a, n, by))
-    conns = [await db.connect(dsn) for _ in range(workers)]
-    results: list[list[int]] = [[] for _ in range(workers)]
-    errors: list[str] = []
-    start = anyio.Event()
-
-    async def one(i: int) -> None:
-        await start.wait()
-        try:
-            results[i] = await do_claim(conns[i], ctx.account, count, f"smoke-probe:{ctx.race}")
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for i in range(workers):
-                tg.start_soon(one, i)
-            start.set()
-        ids = [x for r in results for x in r]
-        recorded = await conns[0].fetch(Q.exp_ids_claimed, ids)
-    finally:
-        for c in conns:
-            await c.close()
-    dupes = sorted({x for x in ids if ids.count(x) > 1})
-    slots = sorted(set(ids) & set(expid.CHAMPION_SLOTS))
-    mine = {int(r["exp_id"]) for r in recorded if r["account"] == ctx.account}
-    unrecorded = sorted(set(ids) - mine)
-    if errors or dupes or slots or unrecorded or len(ids) != workers * count:
-        return _c(10, False, f"{len(ids)} ids from {workers} claimers; duplicates {dupes}, "
-                  f"champion slots {slots}, not recorded {unrecorded[:5]}, errors {errors[:2]}",
-                  ids=ids)
-    return _c(10, True, f"{workers} concurrent claims of {count}: {len(ids)} distinct EXP_IDs "
-              f"E{min(ids):04d}..E{max(ids):04d}, each recorded for {ctx.account}", ids=sorted(ids))
 
 
 READS: dict[int, Callable[[asyncpg.Connection, RaceContext], Awaitable[Criterion]]] = {
@@ -608,5 +385,5 @@ async def evaluate(
         elif n == 13:
             out.append(await teardown_clean(conn, ctx, observed=observed))
         else:
-            out.append(probes.get(n) or _c(n, False, "the probe did not run"))
+            out.append(probes.get(n) or outcome(n, False, "the probe did not run"))
     return out

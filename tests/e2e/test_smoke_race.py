@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 from gardener.backends import local
+from gardener.backends.base import ACTIVE
 from gardener.ledger import trials
 from gardener.race import criteria as crit
 from gardener.race import smoke
@@ -66,7 +67,7 @@ async def test_reduced_smoke_race_twice_in_a_row(db_dsn: str, tmp_path: Path) ->
         assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == 8
         states = {r["observed_state"] for r in await conn.fetch(
             "SELECT DISTINCT observed_state FROM igla_race_trials")}
-        assert not states & crit.RUNNING_OBSERVED, states  # the loop wrote back the teardown
+        assert not states & ACTIVE, states  # the loop wrote back the teardown
         dup = await conn.fetchval("SELECT count(*) - count(DISTINCT exp_id) FROM exp_ids")
         assert dup == 0 and await conn.fetchval("SELECT count(*) FROM exp_ids") == 4 + 2 * 24
         # The probes left no trace: champion slots as migrated, no acc2 trial.

@@ -22,21 +22,21 @@ from gardener.errors import ReusedChampionSlot, UserError
 from gardener.ledger import expid, trials
 from gardener.loop import hand
 from gardener.race import criteria as crit
-from gardener.race import smoke
+from gardener.race import probes, smoke_admit, smoke_config
 
 SHA = "a" * 64
 RACE = "gate0-smoke-test"
 
 
-def small_config() -> smoke.SmokeConfig:
-    return smoke.load_config().with_overrides(tags="WSD,BS8", seeds_per_tag=2, max_steps=60)
+def small_config() -> smoke_config.SmokeConfig:
+    return smoke_config.load_config().with_overrides(tags="WSD,BS8", seeds_per_tag=2, max_steps=60)
 
 
 async def admit(conn: asyncpg.Connection, name: str = RACE) -> tuple[
-    list[smoke.PlannedTrial], crit.RaceContext
+    list[smoke_admit.PlannedTrial], crit.RaceContext
 ]:
     cfg = small_config()
-    planned = await smoke.admit_race(conn, cfg, name, corpus_sha256=SHA)
+    planned = await smoke_admit.admit_race(conn, cfg, name, corpus_sha256=SHA)
     ctx = crit.RaceContext(name, "acc1", tuple(p.name for p in planned), 60, 10, "stdlib", SHA,
                            cfg.criteria)
     return planned, ctx
@@ -44,7 +44,7 @@ async def admit(conn: asyncpg.Connection, name: str = RACE) -> tuple[
 
 async def fill(
     conn: asyncpg.Connection,
-    planned: list[smoke.PlannedTrial],
+    planned: list[smoke_admit.PlannedTrial],
     *,
     latency_s: float = 5.0,
     steps: range = range(10, 61, 10),
@@ -72,23 +72,23 @@ async def fill(
 async def test_runs_take_fresh_seeds_from_each_block_until_exhausted(
     conn: asyncpg.Connection,
 ) -> None:
-    cfg = smoke.load_config().with_overrides(tags="WSD,h768", seeds_per_tag=3)
+    cfg = smoke_config.load_config().with_overrides(tags="WSD,h768", seeds_per_tag=3)
     seen: list[list[int]] = []
     for run in range(3):
-        planned = await smoke.admit_race(conn, cfg, f"r{run}", corpus_sha256=SHA)
+        planned = await smoke_admit.admit_race(conn, cfg, f"r{run}", corpus_sha256=SHA)
         seen.append(sorted(p.canon.seed for p in planned))
     assert seen == [[500, 501, 502, 560, 561, 562], [503, 504, 505, 563, 564, 565],
                     [506, 507, 508, 566, 567, 568]]
     names = [r["canon_name"] for r in await conn.fetch("SELECT canon_name FROM igla_race_trials")]
     assert len(names) == len(set(names)) == 18
     assert "IGLA-HYBRID-FP32-h768-SMOKE-seed566" in names
-    with pytest.raises(smoke.SeedsExhausted, match=r"500\.\.509"):
-        await smoke.admit_race(conn, cfg, "r3", corpus_sha256=SHA)
+    with pytest.raises(smoke_admit.SeedsExhausted, match=r"500\.\.509"):
+        await smoke_admit.admit_race(conn, cfg, "r3", corpus_sha256=SHA)
     assert await conn.fetchval("SELECT count(*) FROM races WHERE name = 'r3'") == 0
 
 
 def test_config_defaults_and_overrides() -> None:
-    cfg = smoke.load_config()
+    cfg = smoke_config.load_config()
     assert cfg.tags == ("WSD", "BS8", "GRADFIX-JEPAT", "GRADFIX-NCA", "EMA10", "h512", "h768")
     assert (cfg.seeds_per_tag, cfg.max_steps, cfg.wallclock_s) == (3, 500, 1800)
     assert cfg.account == "acc1" and cfg.auto_teardown
@@ -237,27 +237,27 @@ async def test_smoke_done_only_when_recorded_green(conn: asyncpg.Connection) -> 
 async def test_probe_lr9(conn: asyncpg.Connection) -> None:
     _, ctx = await admit(conn)
     before = await conn.fetchval("SELECT count(*) FROM igla_race_trials")
-    green = await crit.probe_lr9(conn, ctx, seed=777)
+    green = await probes.probe_lr9(conn, ctx, seed=777)
     assert green.green and "GF16HiddenTooSmall" in green.evidence
 
     async def no_lr9_check(c: asyncpg.Connection, race: str, account: str, ts: list) -> list[str]:
         return await trials.admit(c, race, account, [replace(t, hidden_size=512) for t in ts])
 
-    red = await crit.probe_lr9(conn, ctx, seed=777, admit=no_lr9_check)
+    red = await probes.probe_lr9(conn, ctx, seed=777, admit=no_lr9_check)
     assert not red.green and "ADMITTED" in red.evidence
     assert await conn.fetchval("SELECT count(*) FROM igla_race_trials") == before
 
 
 async def test_probe_used_slot(conn: asyncpg.Connection) -> None:
     _, ctx = await admit(conn)
-    green = await crit.probe_used_slot(conn, ctx)
+    green = await probes.probe_used_slot(conn, ctx)
     assert green.green and "ReusedChampionSlot" in green.evidence
     assert "the empty E0001 took it" in green.evidence
 
     async def forced(*a: object, force_replace: bool) -> expid.SlotState:
         return await expid.bind_champion_slot(*a, force_replace=True)  # type: ignore[arg-type]
 
-    red = await crit.probe_used_slot(conn, ctx, deploy=forced)
+    red = await probes.probe_used_slot(conn, ctx, deploy=forced)
     assert not red.green and "SUCCEEDED" in red.evidence
 
     async def every_slot_locked(c: asyncpg.Connection, slot: int, name: str, account: str,
@@ -267,7 +267,7 @@ async def test_probe_used_slot(conn: asyncpg.Connection) -> None:
             raise ReusedChampionSlot(f"champion slot E{slot:04d} is locked")
         return await expid.bind_champion_slot(c, slot, name, account, force_replace=True)
 
-    locked = await crit.probe_used_slot(conn, ctx, deploy=every_slot_locked)
+    locked = await probes.probe_used_slot(conn, ctx, deploy=every_slot_locked)
     assert not locked.green and "the empty slot E0001 refused it too" in locked.evidence
     slot = await conn.fetchrow("SELECT canon_name, bpb FROM champion_slots WHERE exp_id = 4")
     assert tuple(slot) == ("IGLA-TRAIN_V2-FP32-CHAMP-seed42", 1.8921)
@@ -276,7 +276,7 @@ async def test_probe_used_slot(conn: asyncpg.Connection) -> None:
 async def test_probe_force_replace(conn: asyncpg.Connection) -> None:
     planned, ctx = await admit(conn)
     challenger = "IGLA-TRAIN_V2-FP32-CHAMP-seed43"
-    green = await crit.probe_force_replace(conn, ctx, challenger=challenger)
+    green = await probes.probe_force_replace(conn, ctx, challenger=challenger)
     assert green.green and "SlotStillOccupied" in green.evidence
 
     async def kill_first(c: asyncpg.Connection, slot: int, name: str, account: str,
@@ -288,7 +288,7 @@ async def test_probe_force_replace(conn: asyncpg.Connection) -> None:
         return await expid.bind_champion_slot(c, slot, name, account,
                                               force_replace=force_replace)
 
-    red = await crit.probe_force_replace(conn, ctx, challenger=challenger, deploy=kill_first)
+    red = await probes.probe_force_replace(conn, ctx, challenger=challenger, deploy=kill_first)
     assert not red.green and "SUCCEEDED" in red.evidence
     # Rolled back: slot reserved again, trials still running.
     assert await conn.fetchval("SELECT canon_name FROM champion_slots WHERE exp_id = 1") is None
@@ -296,13 +296,13 @@ async def test_probe_force_replace(conn: asyncpg.Connection) -> None:
                                "desired_state = 'running'", RACE) == len(planned)
     await conn.execute("UPDATE igla_race_trials SET desired_state = 'stopped' WHERE race = $1",
                        RACE)
-    idle = await crit.probe_force_replace(conn, ctx, challenger=challenger)
+    idle = await probes.probe_force_replace(conn, ctx, challenger=challenger)
     assert not idle.green and "no trial of the race is running" in idle.evidence
 
 
 async def test_probe_cross_account_kill(conn: asyncpg.Connection) -> None:
     _, ctx = await admit(conn)
-    green = await crit.probe_cross_account_kill(conn, ctx)
+    green = await probes.probe_cross_account_kill(conn, ctx)
     assert green.green and "CrossAccountKillForbidden" in green.evidence
 
     async def unchecked_kill(c: asyncpg.Connection, name: str, account: str, **kw: str) -> list:
@@ -310,7 +310,7 @@ async def test_probe_cross_account_kill(conn: asyncpg.Connection) -> None:
                                  name)
         return await hand.kill(c, name, owner, **kw)
 
-    red = await crit.probe_cross_account_kill(conn, ctx, kill=unchecked_kill)
+    red = await probes.probe_cross_account_kill(conn, ctx, kill=unchecked_kill)
     assert not red.green and "killed" in red.evidence
     assert await conn.fetchval("SELECT count(*) FROM igla_race_trials WHERE account = 'acc2'") == 0
     assert await conn.fetchval("SELECT count(*) FROM gardener_decisions") == 0
@@ -318,14 +318,14 @@ async def test_probe_cross_account_kill(conn: asyncpg.Connection) -> None:
 
 async def test_probe_exp_claims(db_dsn: str, conn: asyncpg.Connection) -> None:
     _, ctx = await admit(conn)
-    green = await crit.probe_exp_claims(db_dsn, ctx)
+    green = await probes.probe_exp_claims(db_dsn, ctx)
     assert green.green
     assert len(set(green.details["ids"])) == 24
 
     async def peek(c: asyncpg.Connection, account: str, n: int, by: str) -> list[int]:
         return [await expid.next_exp_id(c) for _ in range(n)]  # looks, never takes
 
-    red = await crit.probe_exp_claims(db_dsn, ctx, claim=peek)
+    red = await probes.probe_exp_claims(db_dsn, ctx, claim=peek)
     assert not red.green and "duplicates" in red.evidence
 
 

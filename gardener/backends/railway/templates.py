@@ -20,7 +20,7 @@ from typing import Any
 
 from gardener.backends.base import RestartPolicy, ServiceSpec
 from gardener.configfiles import read_toml
-from gardener.core.canon import parse
+from gardener.core.canon import CanonName, parse
 from gardener.core.types import DesiredState
 from gardener.errors import ConfigError
 
@@ -147,10 +147,12 @@ def trainer_spec(
     desired: DesiredState = DesiredState.RUNNING,
     race: str | None = None,
     environ: Mapping[str, str] | None = None,
+    parsed: CanonName | None = None,
 ) -> ServiceSpec:
-    """The spec of one trainer service: template, then TRAIN_* variables, then ingest."""
+    """The spec of one trainer service: template, then TRAIN_* variables, then ingest
+    (``parsed``: the name already parsed by the caller, not parsed again)."""
     env = os.environ if environ is None else environ
-    tpl = templates.for_model(parse(canon_name).model)
+    tpl = templates.for_model((parsed or parse(canon_name)).model)
     image, repo, branch = source_of(tpl, env)
     variables = {**tpl.variables, **train_variables}
     if tpl.ingest != "logs":
