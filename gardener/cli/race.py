@@ -13,6 +13,7 @@ import asyncpg
 import typer
 
 from gardener import logs
+from gardener.backends import backend_for
 from gardener.backends.base import ACTIVE, Backend, BackendError, ServiceState
 from gardener.cli.common import AccountOpt, JsonOpt, account_filter, emit, settings, with_db
 from gardener.errors import CrossAccountKillForbidden, UserError
@@ -37,15 +38,7 @@ def register(app: typer.Typer) -> None:
 def _backend(s: Settings, kind: str, account: str) -> Backend:
     """The race's backend, built once: observe() for criterion 13 and the teardown, stop()
     for an interrupted run."""
-    from gardener.backends import make_backend
-
-    token = s.railway_token(account)
-    return make_backend(
-        kind, account, data_dir=s.data_dir,
-        railway_token=token.get_secret_value() if token else None,
-        project_id=s.railway_project(account), environment_id=s.railway_environment(account),
-        base_url=s.railway_url,
-    )
+    return backend_for(s, account, kind)
 
 
 def _observer(backend: Backend) -> smoke.ObserveFn:

@@ -45,21 +45,11 @@ class TaskDied(GardenerError):
 
 
 def default_backend_factory(settings: Settings) -> BackendFactory:
-    """``make_backend`` for the configured kind, with each account's own credentials."""
-    from gardener.backends import make_backend
+    """The configured kind of backend, with each account's own credentials."""
+    from gardener.backends import backend_for
 
     def factory(account: str) -> Backend:
-        token = settings.railway_token(account)
-        return make_backend(
-            settings.backend,
-            account,
-            data_dir=settings.data_dir,
-            railway_token=token.get_secret_value() if token else None,
-            project_id=settings.railway_project(account),
-            environment_id=settings.railway_environment(account),
-            base_url=settings.railway_url,
-            budget_per_hour=settings.railway_budget_per_hour,
-        )
+        return backend_for(settings, account)
 
     return factory
 

@@ -53,6 +53,7 @@ def cli(
     project: tuple[str, str],
     *,
     token: bool = True,
+    extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     templates = Path(tempfile.mkdtemp()) / "railway.toml"
     templates.write_text(TEMPLATES)
@@ -68,6 +69,7 @@ def cli(
     )
     if token:
         env["RAILWAY_TOKEN_ACC1"] = TOKEN
+    env.update(extra or {})
     return subprocess.run(
         CLI + args, input=stdin, capture_output=True, text=True, env=env, timeout=90
     )
@@ -281,3 +283,21 @@ async def test_champion_deploy_deploys_the_trials_service(
                   "acc2"], "", db_dsn, fake, project)
     assert stolen.returncode == 2
     assert "CrossAccountKillForbidden: champion slot E0004 belongs to acc1" in stolen.stderr
+
+
+async def test_a_batch_over_the_request_budget_or_without_a_template_changes_nothing(
+    fake: FakeRailway, db_dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    project = fake.add_project(TOKEN)
+    before = await ledger_state(conn)
+    over = cli([*BATCH, "--account", "acc1", *SKIP], "\n".join(PHASE2), db_dsn, fake, project,
+               extra={"GARDENER_RAILWAY_BUDGET_PER_HOUR": "50"})
+    assert over.returncode == 2
+    assert "21 services need about 64 Railway requests, more than acc1's budget of 50" \
+        in over.stderr
+    http_only = tmp_path / "http.toml"
+    http_only.write_text('[defaults]\nimage = "x"\ningest = "http"\n')
+    no_url = cli([*BATCH, "--account", "acc1", *SKIP], NAMES[0], db_dsn, fake, project,
+                 extra={"GARDENER_RAILWAY_CONFIG": str(http_only)})
+    assert no_url.returncode == 2 and "ingest = 'http' needs the gardener's URL" in no_url.stderr
+    assert await ledger_state(conn) == before

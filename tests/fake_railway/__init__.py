@@ -10,6 +10,10 @@ reads only after a short delay, CRASHED on demand, and deployment logs with RFC 
 nanosecond timestamps. Faults are injected on request (scripted, or at a seeded rate): 429 with
 Retry-After, 500, a timeout, an HTML body, an error in a 200, and an operation that runs on the
 server while the client times out. Every request is counted.
+
+With ``run_processes=True`` it is a local Railway emulator: a deploy starts the service's start
+command as a local process group with the service's variables (and the ones Railway adds), its
+output is the deployment's log, its exit ends the deployment, and a stop really stops it.
 """
 
 from __future__ import annotations
