@@ -23,6 +23,11 @@ FIT_SECONDS = Histogram(
     "Time in the pure core (curve fits and rung rules) for one race's decide call.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+SNAPSHOT_SECONDS = Histogram(
+    "gardener_snapshot_seconds",
+    "Time to read one race's snapshot (its trials, the samples new since the last one).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 DECISION_LATENCY = Histogram(
     "gardener_decision_latency_seconds",
     "From the newest sample of a race to the commit of the decisions it caused.",

@@ -379,14 +379,25 @@ class Reconciler:
                 total += len(lines)
                 metrics.LOG_LINES.labels(backend.kind).inc(len(lines))
 
+        due_now = []
+        for name, (account, status) in list(self.known.items()):
+            if name in self.drained or (name in self.posting and status not in FINAL):
+                continue  # a posting trainer's log is only the fallback, read at its end
+            due, _ = self._tail_due.get(name, (now, 0.0))
+            if respect_backoff and due > now and status not in FINAL:
+                continue
+            due_now.append((name, account, status))
+        # A few workers take the due services in turn: a task per service would cost more
+        # than the tail itself with ten thousand quiet services.
+        todo = iter(due_now)
+
+        async def worker() -> None:
+            for name, account, status in todo:
+                await one(name, account, status)
+
         async with anyio.create_task_group() as tg:
-            for name, (account, status) in list(self.known.items()):
-                if name in self.drained or (name in self.posting and status not in FINAL):
-                    continue  # a posting trainer's log is only the fallback, read at its end
-                due, _ = self._tail_due.get(name, (now, 0.0))
-                if respect_backoff and due > now and status not in FINAL:
-                    continue
-                tg.start_soon(one, name, account, status)
+            for _ in range(min(concurrency, len(due_now))):
+                tg.start_soon(worker)
         if saved:
             await self._save_cursors(saved)
         return total

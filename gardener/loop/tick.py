@@ -4,10 +4,13 @@ Which races, each tick:
 
 - crossings: a live trial whose highest step reached a rung above its recorded ``rung``.
   New samples are found by id watermark (``id >`` what was seen ``settle`` seconds ago, so a
-  row committed a little after a higher id is still found) and checked at once; a full
-  level-triggered rescan of every live trial runs at start and every ``rescan_every``
-  seconds, so a row committed late (ids are handed out before commit) or a lost
-  notification is still seen. Crossing races are decided in the same tick.
+  row committed a little after a higher id is still found) and checked at once; a
+  level-triggered rescan runs at start and every ``rescan_every`` seconds, so a row
+  committed late (ids are handed out before commit) or a lost notification is still seen.
+  The rescan asks PostgreSQL for the crossing trials only (each trial's ``last_step``, which
+  the ingest writer keeps, and the samples since the rescan before the last one; every
+  sample at start), so its cost in the daemon does not grow with the fleet. Crossing races
+  are decided in the same tick.
 - a new sample below the architectural floor: decided at once as well.
 - new samples without a crossing: the race is decided at most every ``min_interval`` (the
   core may kill a DIVERGING trial or fire a tripwire at any step), after the crossings and
@@ -16,16 +19,19 @@ Which races, each tick:
   for at each rescan).
 
 Then every running race whose trials all ended is marked done (and torn down if its config
-says ``auto_teardown``). Mutating work stops while paused: decisions come back from the core
-as HOLD and are logged once per key, and no race is finished or torn down.
+says ``auto_teardown``): the races decided in this tick, or all of them after the reconciler
+saw a change, at a rescan and on resume. Mutating work stops while paused: decisions come
+back from the core as HOLD and are logged once per key, and no race is finished or torn
+down.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -34,7 +40,6 @@ import structlog
 
 from gardener.core.config import DecisionConfig
 from gardener.core.decide import decide
-from gardener.core.rungs import rung_reached
 from gardener.core.types import Action, Decision
 from gardener.ledger import control as ledger_control
 from gardener.ledger.apply import Applied, Outcome, action_key, apply_group
@@ -122,6 +127,10 @@ class Ticker:
         self.samples = SampleCache()  # per-race samples: a snapshot reads only new rows
         self.ack_window = max(120.0, 4 * rescan_every)
         self._acks_seen: set[int] | None = None  # acknowledged tripwires already acted on
+        self._rescan_highs: deque[int] = deque(maxlen=2)  # the sample id at the last rescans
+        # Per race: its config (with the race's settings it came from) and the lowest rung
+        # boundary above each rung, built once per config rather than once per tick.
+        self._configs: dict[str, tuple[Mapping[str, Any], DecisionConfig, list[int | None]]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -131,28 +140,31 @@ class Ticker:
         return self.state.paused if self.state is not None else fallback
 
     def config_for(self, race: RaceInfo) -> DecisionConfig:
-        return race_config(self.base, race)
+        return self._config_entry(race)[1]
+
+    def _config_entry(
+        self, race: RaceInfo
+    ) -> tuple[Mapping[str, Any], DecisionConfig, list[int | None]]:
+        held = self._configs.get(race.name)
+        if held is None or held[0] != race.config:
+            cfg = race_config(self.base, race)
+            rungs = list(cfg.rungs)
+            # A trial at rung k crossed once its step reaches the lowest boundary above k.
+            above = [min(rungs[k + 1 :], default=None) for k in range(-1, len(rungs))]
+            held = self._configs[race.name] = (race.config, cfg, above)
+        return held
+
+    def _next_boundaries(self, races: dict[str, RaceInfo]) -> dict[str, list[int | None]]:
+        return {name: self._config_entry(race)[2] for name, race in races.items()}
 
     async def _races(self, conn: asyncpg.Connection) -> dict[str, RaceInfo]:
         rows = await conn.fetch(Q.running_races)
         races = {r["name"]: RaceInfo.from_row(r) for r in rows}
         if self.account is not None:
             races = {k: v for k, v in races.items() if v.account == self.account}
+        for name in set(self._configs) - set(races):
+            del self._configs[name]
         return races
-
-    def _crossed(self, races: dict[str, RaceInfo], rows: Iterable[asyncpg.Record]) -> set[str]:
-        """Races with a live trial whose highest step reached a rung above its ``rung``."""
-        out: set[str] = set()
-        configs: dict[str, DecisionConfig] = {}
-        for r in rows:
-            race = races.get(r["race"])
-            if race is None or r["desired_state"] != "running" or r["max_step"] is None:
-                continue
-            if race.name not in configs:
-                configs[race.name] = self.config_for(race)
-            if rung_reached(configs[race.name], int(r["max_step"])) > int(r["rung"]):
-                out.add(race.name)
-        return out
 
     # -- the tick -----------------------------------------------------------------------------
     async def tick(self) -> TickReport:
@@ -175,7 +187,13 @@ class Ticker:
             first = self.watermark is None
             rescan = first or now - self._last_rescan >= self.rescan_every
             if rescan:
-                crossing |= self._crossed(races, await conn.fetch(Q.live_trial_steps))
+                # Samples above the id seen two rescans ago (all of them at start): a row
+                # committed late is read at a later rescan, and the writer's rows have already
+                # moved their trial's last_step.
+                mark = self._rescan_highs[0] if self._rescan_highs and not first else 0
+                rows = await conn.fetch(Q.live_crossings, self._next_boundaries(races), mark)
+                crossing |= {r["race"] for r in rows if r["race"] in races}
+                self._rescan_highs.append(high)
                 # Stalls are minutes long: looking for them at each rescan is soon enough.
                 for r in await conn.fetch(Q.stalled_candidates, float(self.settings.stall_after)):
                     if r["race"] in races:
@@ -185,13 +203,14 @@ class Ticker:
                     self._soft |= set(races)  # after a restart: look at every race once
             low = self._settled_watermark(now, high)
             if low is not None and high > low:
-                rows = await conn.fetch(Q.new_samples_since, low, high)
-                crossing |= self._crossed(races, rows)
-                # A sample below the floor is looked at now, not at the next rung.
-                crossing |= {
-                    r["race"] for r in rows if r["race"] in races and r["min_bpb"] < self.floor
-                }
-                self._soft |= {r["race"] for r in rows if r["race"] in races}
+                # One row per race with new samples, whatever the number of trials that sent
+                # them. A sample below the floor is looked at now, not at the next rung.
+                rows = await conn.fetch(
+                    Q.new_samples_by_race, low, high, self._next_boundaries(races), self.floor
+                )
+                rows = [r for r in rows if r["race"] in races]
+                crossing |= {r["race"] for r in rows if r["crossed"] or r["below_floor"]}
+                self._soft |= {r["race"] for r in rows}
             self.watermark = high
             # A race that only holds does not need deciding on every sample.
             held_again = crossing & self._holding
@@ -246,8 +265,14 @@ class Ticker:
                 and not self._stopping()
                 and (observed or rescan or report.applied or self._was_paused_before)
             ):
+                # Which races may have ended: any, once the reconciler saw a trial change (or
+                # at a rescan, or on resume); otherwise only those a decision was applied to.
+                every = observed or rescan or self._was_paused_before
+                candidates = None if every else sorted(set(report.decided))
                 # A race still waiting for a decide is not finished yet, whatever its trials do.
-                await self._finish_races(conn, races, high, set(self._soft), report)
+                await self._finish_races(
+                    conn, races, high, set(self._soft), report, candidates
+                )
         report.seconds = time.perf_counter() - started
         metrics.TICK_SECONDS.observe(report.seconds)
         if report.decided or report.finished:
@@ -307,6 +332,7 @@ class Ticker:
     async def _decide_race(
         self, conn: asyncpg.Connection, race: RaceInfo, paused: bool, report: TickReport
     ) -> None:
+        t0 = time.perf_counter()
         snapshot = await load_snapshot(
             conn,
             race,
@@ -315,6 +341,7 @@ class Ticker:
             expected_corpus=self.settings.corpus,
             cache=self.samples,
         )
+        metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - t0)
         cfg = self.config_for(race)
         t0 = time.perf_counter()
         decisions = await anyio.to_thread.run_sync(decide, snapshot, cfg)
@@ -399,10 +426,11 @@ class Ticker:
         watermark: int,
         waiting: set[str],
         report: TickReport,
+        candidates: list[str] | None = None,
     ) -> None:
-        """Mark done every running race whose trials all ended and whose every sample was
-        decided on; tear down if asked."""
-        for row in await conn.fetch(Q.finished_races, watermark):
+        """Mark done every running race (of ``candidates``, when given) whose trials all ended
+        and whose every sample was decided on; tear down if asked."""
+        for row in await conn.fetch(Q.finished_races, watermark, candidates):
             race = races.get(row["name"])
             if race is None or race.name in waiting:
                 continue

@@ -6,24 +6,42 @@ SELECT extract(epoch FROM now())::float8
 -- name: max_sample_id
 SELECT coalesce(max(id), 0) FROM bpb_samples
 
--- name: new_samples_since
--- The trials that got samples with id in ($1, $2], their highest step among them, and their race.
-SELECT s.canon_name, max(s.step) AS max_step, min(s.bpb) AS min_bpb, t.race, t.rung,
-       t.desired_state
-FROM bpb_samples s
+-- name: new_samples_by_race
+-- The running races with samples of id in ($1, $2], one row per race however many trials sent
+-- them: whether one of them took a live trial to a rung above its recorded one ($3, the
+-- boundaries as in live_crossings) and whether one lies below the floor $4.
+SELECT t.race,
+       coalesce(bool_or(t.desired_state = 'running'
+                        AND s.max_step >= (($3::jsonb -> t.race) ->> (t.rung + 1))::integer),
+                false) AS crossed,
+       coalesce(bool_or(s.min_bpb < $4), false) AS below_floor
+FROM (SELECT b.canon_name, max(b.step) AS max_step, min(b.bpb) AS min_bpb
+      FROM bpb_samples b
+      WHERE b.id > $1 AND b.id <= $2
+      GROUP BY b.canon_name) s
 JOIN igla_race_trials t ON t.canon_name = s.canon_name
 JOIN races r ON r.name = t.race AND r.status = 'running'
-WHERE s.id > $1 AND s.id <= $2
-GROUP BY s.canon_name, t.race, t.rung, t.desired_state
+GROUP BY t.race
 
--- name: live_trial_steps
--- Level-triggered rescan: every live trial of a running race with its highest step.
-SELECT t.canon_name, t.race, t.rung, t.desired_state,
-       greatest(t.last_step, (SELECT max(s.step) FROM bpb_samples s
-                              WHERE s.canon_name = t.canon_name AND s.seed = t.seed)) AS max_step
+-- name: live_crossings
+-- Level-triggered rescan: the live trials of running races whose highest step reached a rung
+-- above their recorded one, and only those (the fleet's other trials stay in PostgreSQL).
+-- $1 {race: [the lowest boundary above rung -1, above rung 0, ...]} (a race not in it is not
+-- looked at); $2 a sample id: the samples above it are read, the rest is known from
+-- ``last_step``, which the ingest writer moves in the same transaction as its rows (0 reads
+-- every sample: the rescan at start).
+WITH fresh AS (
+    SELECT s.canon_name, s.seed, max(s.step) AS step
+    FROM bpb_samples s
+    WHERE s.id > $2
+    GROUP BY s.canon_name, s.seed
+)
+SELECT t.race, t.canon_name
 FROM igla_race_trials t
 JOIN races r ON r.name = t.race AND r.status = 'running'
+LEFT JOIN fresh f ON f.canon_name = t.canon_name AND f.seed = t.seed
 WHERE t.desired_state = 'running'
+  AND greatest(t.last_step, f.step) >= (($1::jsonb -> t.race) ->> (t.rung + 1))::integer
 
 -- name: stalled_candidates
 -- Trials that should be running, are observed running, and have been silent longer than $1
@@ -68,10 +86,14 @@ SELECT variant, array_agg(seed) AS seeds FROM used_seeds WHERE variant = ANY($1:
 GROUP BY variant
 
 -- name: race_tripwires
+-- The tripwires of a race or of one of its trials (both by index: 0008).
 SELECT e.id, e.kind, e.canon_name, e.evidence, e.blocks_promotions, e.acknowledged_at
 FROM tripwire_events e
-WHERE e.race = $1
-   OR e.canon_name IN (SELECT canon_name FROM igla_race_trials WHERE race = $1)
+WHERE e.id IN (SELECT x.id FROM tripwire_events x WHERE x.race = $1
+               UNION
+               SELECT x.id FROM tripwire_events x
+               JOIN igla_race_trials t ON t.canon_name = x.canon_name
+               WHERE t.race = $1)
 ORDER BY e.id
 
 -- name: insert_applied_decision
@@ -117,10 +139,11 @@ RETURNING id
 -- name: finished_races
 -- Running races whose every trial has ended: finished (succeeded or failed), or asked to stop
 -- and no longer running (or never started); and with no sample above the watermark $1, which
--- the loop has not decided on yet.
+-- the loop has not decided on yet. Only the races named in $2 (NULL: every running race).
 SELECT r.name, r.account, r.config
 FROM races r
 WHERE r.status = 'running' AND r.kind <> 'backtest'
+  AND ($2::text[] IS NULL OR r.name = ANY($2::text[]))
   AND EXISTS (SELECT 1 FROM igla_race_trials t WHERE t.race = r.name)
   AND NOT EXISTS (
       SELECT 1 FROM bpb_samples s JOIN igla_race_trials t ON t.canon_name = s.canon_name
