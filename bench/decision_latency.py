@@ -183,6 +183,28 @@ def tick_figures(log: Path) -> dict[str, float] | None:
             "p99": round(float(np.percentile(a, 99)), 1)}
 
 
+def decided_races(log: Path) -> set[str]:
+    seen: set[str] = set()
+    for line in log.read_text().splitlines():
+        if '"tick"' in line:
+            try:
+                seen.update(json.loads(line).get("decided") or [])
+            except ValueError:
+                continue
+    return seen
+
+
+async def wait_decided(log: Path, races: set[str], limit: float) -> None:
+    """Until the daemon's ticks decided every race once (a restarted daemon looks at every
+    race; that pass is start-up, not idle)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if races <= decided_races(log):
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"the daemon did not decide every race within {limit} s: see {log}")
+
+
 async def wait_quiet(conn: asyncpg.Connection, quiet: float, limit: float) -> None:
     """Until no decision was written for ``quiet`` seconds (the daemon's start-up pass)."""
     last, since, end = -1, time.monotonic(), time.monotonic() + limit
@@ -207,6 +229,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         proc = start_daemon(dsn, tmp / "daemon.log", args.poll, args.log_level)
         started = time.monotonic()
         await wait_quiet(conn, 3.0, 300.0)
+        if args.log_level == "debug":  # the start-up pass: every race decided once
+            await wait_decided(tmp / "daemon.log", {f"bench-{r}" for r in range(args.races)},
+                               300.0)
         startup_s = time.monotonic() - started
         idle: dict[str, object] | None = None
         if args.idle_seconds > 0:  # every trial silent: what the daemon costs doing nothing

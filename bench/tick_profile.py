@@ -22,12 +22,16 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decision_latency import create_db, drop_db, insert_sample, populate  # noqa: E402
+from decision_latency import create_db, drop_db, insert_sample, populate
 
-from gardener import logs  # noqa: E402
-from gardener.ledger import db, migrate  # noqa: E402
-from gardener.loop.tick import Ticker  # noqa: E402
-from gardener.settings import Settings  # noqa: E402
+from gardener import logs
+from gardener.ledger import db, migrate
+from gardener.loop.tick import Ticker
+from gardener.settings import Settings
+
+
+def write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -70,7 +74,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             if k != "tick"}
         if profiler is not None:
             profiler.stop()
-            Path(args.profile).write_text(profiler.output_text(unicode=False, show_all=False))
+            write_text(args.profile, profiler.output_text(unicode=False, show_all=False))
         a = np.asarray(ticks)
         await pool.close()
         await conn.close()

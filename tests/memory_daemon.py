@@ -1,15 +1,18 @@
 """``python -m tests.memory_daemon DSN [POLL_INTERVAL] [LOG_LEVEL]``: the real daemon on an
 in-memory backend, for tests and benchmarks about the ledger rather than the trainers.
 
-Every trial "runs" as soon as it is ensured, nothing prints logs, nothing is spawned.
+Every trial "runs" as soon as it is ensured, nothing prints logs, nothing is spawned. The
+trials the ledger already wants running are running when the daemon starts (as after a
+restart of a daemon whose services live on), so a fleet of ten thousand is not created anew.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import anyio
+import asyncpg
 
 from gardener import logs
 from gardener.backends.base import EnsureOutcome, LogLine, ServiceSpec, ServiceState, Status
@@ -20,9 +23,9 @@ from gardener.settings import Settings
 class MemoryBackend:
     kind = "memory"
 
-    def __init__(self, account: str) -> None:
+    def __init__(self, account: str, running: Iterable[str] = ()) -> None:
         self.account = account
-        self.services: dict[str, Status] = {}
+        self.services: dict[str, Status] = dict.fromkeys(running, Status.RUNNING)
 
     async def observe(self) -> list[ServiceState]:
         return [ServiceState(n, n, n, s, s.value, True) for n, s in self.services.items()]
@@ -55,7 +58,19 @@ def main(argv: list[str]) -> None:
     level = argv[3] if len(argv) > 3 else "info"
     settings = Settings(account="acc1", poll_interval=poll)
     logs.configure("json", level)
-    anyio.run(lambda: serve(settings, dsn=dsn, backend_factory=MemoryBackend, http=False))
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            running = [r["canon_name"] for r in await conn.fetch(
+                "SELECT canon_name FROM igla_race_trials WHERE desired_state = 'running' "
+                "AND account = $1", settings.account)]
+        finally:
+            await conn.close()
+        await serve(settings, dsn=dsn, backend_factory=lambda acc: MemoryBackend(acc, running),
+                    http=False)
+
+    anyio.run(run)
 
 
 if __name__ == "__main__":

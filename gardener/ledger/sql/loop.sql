@@ -174,6 +174,18 @@ WHERE r.kind <> 'backtest'
   AND ($1::text IS NULL OR t.account = $1)
   AND NOT (t.desired_state = 'removed' AND t.observed_state = 'removed')
 
+-- name: desired_trials_keyed
+-- desired_trials for the daemon's reconciler: the variables as text, decoded only for a trial
+-- whose spec is not cached yet (ten thousand JSON objects a pass otherwise).
+SELECT t.canon_name, t.account, t.race, t.desired_state, t.observed_state, t.steps,
+       t.hidden_size, t.variables::text AS variables_text, t.service_id, t.deployment_id,
+       t.backend, r.horizon
+FROM igla_race_trials t
+JOIN races r ON r.name = t.race
+WHERE r.kind <> 'backtest'
+  AND ($1::text IS NULL OR t.account = $1)
+  AND NOT (t.desired_state = 'removed' AND t.observed_state = 'removed')
+
 -- name: set_observed
 UPDATE igla_race_trials
 SET observed_state = $2, service_id = coalesce($3, service_id),
