@@ -24,8 +24,8 @@ from gardener.ingest.writer import SampleWriter
 from gardener.ledger import control, trials
 from gardener.ledger.snapshot import RaceInfo, SampleCache, load_snapshot, race_info
 from gardener.loop.control import LoopState
-from gardener.loop.reconciler import Reconciler
-from gardener.loop.tick import Ticker
+from gardener.loop.reconciler import QUIET_TAILS_PER_S, Reconciler
+from gardener.loop.tick import Q, Ticker
 from gardener.settings import Settings
 from tests.integration.test_apply import add_samples, curve, make_race
 
@@ -516,3 +516,91 @@ async def test_a_tripwire_acknowledgement_releases_the_held_promotion_at_once(
         "SELECT count(*) FROM gardener_decisions WHERE race = 'r-ack' AND applied "
         "AND action = 'mirror'"
     )
+
+
+# -- scale: the tick's fleet-wide questions answer per race or per crossing trial -------------
+
+
+async def test_the_rescan_returns_only_crossing_trials_by_each_races_rungs(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    short = await make_race(conn, "r-short", 3, first_exp=1100, first_seed=1100,
+                            config={"rungs": [50, 200]})
+    long = await make_race(conn, "r-long", 3, first_exp=1110, first_seed=1110,
+                           config={"rungs": [100, 400]})
+    for name in [*short, *long]:
+        await add_samples(conn, name, curve(0.0, 40))
+    await add_samples(conn, short[0], [(60, 2.3)])  # reaches r-short's first rung (50)
+    await add_samples(conn, long[0], [(60, 2.3)])  # below r-long's (100)
+    # A trial the ingest writer moved: its last_step says it crossed, with no sample read.
+    await conn.execute("UPDATE igla_race_trials SET last_step = 120 WHERE canon_name = $1",
+                       long[1])
+    t = ticker(pool)
+    races = await t._races(conn)
+    rows = await conn.fetch(Q.live_crossings, t._next_boundaries(races), 0)
+    assert sorted((r["race"], r["canon_name"]) for r in rows) == sorted(
+        [("r-short", short[0]), ("r-long", long[1])]
+    )
+    # Above a mark, only the newer samples are read; last_step still counts.
+    high = await conn.fetchval("SELECT max(id) FROM bpb_samples")
+    rows = await conn.fetch(Q.live_crossings, t._next_boundaries(races), high)
+    assert [r["canon_name"] for r in rows] == [long[1]]
+    # Decided at rung 0: no longer a crossing, until the next rung's boundary.
+    await conn.execute("UPDATE igla_race_trials SET rung = 0")
+    assert await conn.fetch(Q.live_crossings, t._next_boundaries(races), 0) == []
+    await add_samples(conn, short[1], [(200, 2.2)])
+    rows = await conn.fetch(Q.live_crossings, t._next_boundaries(races), 0)
+    assert [r["canon_name"] for r in rows] == [short[1]]
+    # A stopped trial is not a crossing.
+    await conn.execute("UPDATE igla_race_trials SET desired_state = 'stopped' "
+                       "WHERE canon_name = $1", short[1])
+    assert await conn.fetch(Q.live_crossings, t._next_boundaries(races), 0) == []
+
+
+async def test_new_samples_come_back_one_row_per_race(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    rungs = {"rungs": [100, 400]}
+    a = await make_race(conn, "r-many-a", 20, first_exp=1200, first_seed=1200, config=rungs)
+    b = await make_race(conn, "r-many-b", 20, first_exp=1220, first_seed=1220, config=rungs)
+    c = await make_race(conn, "r-many-c", 2, first_exp=1240, first_seed=1240, config=rungs)
+    low = await conn.fetchval("SELECT coalesce(max(id), 0) FROM bpb_samples")
+    for name in [*a, *b]:
+        await add_samples(conn, name, curve(0.0, 60))  # below rung 0 (100)
+    await add_samples(conn, b[3], [(100, 2.4)])  # b crosses
+    await add_samples(conn, c[0], [(10, 0.05)])  # c: below the floor, no crossing
+    high = await conn.fetchval("SELECT max(id) FROM bpb_samples")
+    t = ticker(pool)
+    races = await t._races(conn)
+    rows = await conn.fetch(Q.new_samples_by_race, low, high, t._next_boundaries(races), t.floor)
+    got = {r["race"]: (r["crossed"], r["below_floor"]) for r in rows}
+    assert got == {"r-many-a": (False, False), "r-many-b": (True, False),
+                   "r-many-c": (False, True)}
+    report = await t.tick()  # the first tick: the rescan finds b's crossing
+    assert report.crossings == ["r-many-b"]
+    await add_samples(conn, a[0], [(100, 2.4)])
+    report = await t.tick()  # the watermark path finds a's
+    assert report.crossings == ["r-many-a"]
+
+
+async def test_finished_races_are_looked_for_among_the_named_ones(
+    conn: asyncpg.Connection,
+) -> None:
+    for name, exp in (("r-end-1", 1300), ("r-end-2", 1310)):
+        await make_race(conn, name, 2, first_exp=exp, first_seed=exp)
+    await conn.execute("UPDATE igla_race_trials SET observed_state = 'succeeded'")
+    every = await conn.fetch(Q.finished_races, 0, None)
+    assert sorted(r["name"] for r in every) == ["r-end-1", "r-end-2"]
+    named = await conn.fetch(Q.finished_races, 0, ["r-end-2"])
+    assert [r["name"] for r in named] == ["r-end-2"]
+
+
+def test_quiet_services_are_tailed_no_more_than_the_fleet_allows() -> None:
+    state = LoopState(stop=anyio.Event())
+    backends = {"acc1": MemoryBackend("acc1")}
+    rec = Reconciler(None, Settings(), state, backends, None)
+    assert rec._intervals("local") == (rec.log_interval, rec.max_log_interval)
+    rec.known = {f"t{i}": ("acc1", Status.RUNNING) for i in range(10_000)}
+    base, most = rec._intervals("local")
+    assert base == rec.log_interval and most == pytest.approx(10_000 / QUIET_TAILS_PER_S)
+    assert rec._intervals("railway")[1] >= 300.0
