@@ -72,12 +72,13 @@ def start_daemon(dsn: str, log_path: Path, poll: float, level: str = "warning"
 
 
 async def populate(conn: asyncpg.Connection, races: int, per_race: int, upto: int,
-                   rung: int) -> list[tuple[str, int]]:
-    """Races of live trials with samples every 10 steps up to ``upto``, decided at ``rung``."""
+                   rung: int, first: int = 0) -> list[tuple[str, int]]:
+    """Races of live trials with samples every 10 steps up to ``upto``, decided at ``rung``
+    (named ``bench-<first>`` on)."""
     out: list[tuple[str, int]] = []
     rng = np.random.default_rng(7)
-    exp = 10
-    for r in range(races):
+    exp = 10 + (await conn.fetchval("SELECT count(*) FROM igla_race_trials"))
+    for r in range(first, first + races):
         race = f"bench-{r}"
         await trials.ensure_race(conn, race, "acc1", horizon=81000)
         adm = []
