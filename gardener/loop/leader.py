@@ -81,13 +81,18 @@ SELECT epoch, holder, backend_pid, deadline IS NOT NULL AND deadline < now() AS 
 """
 # Every session of a leader whose lease ran out: the one holding the lock (a bigint key is
 # split into classid and objid) and the others it opened under its application_name (one of
-# them may hold the lease row FOR SHARE in a transaction that will never end by itself).
+# them may hold the lease row FOR SHARE in a transaction that will never end by itself). In
+# this database only: pg_locks and pg_stat_activity span the server, where other ledgers'
+# leaders hold the same key.
 _END_HOLDER = """
 SELECT pg_terminate_backend(a.pid)
   FROM pg_stat_activity a
  WHERE a.pid <> pg_backend_pid()
+   AND a.datname = current_database()
    AND (a.pid IN (SELECT l.pid FROM pg_locks l
                    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                     AND l.database = (SELECT oid FROM pg_database
+                                        WHERE datname = current_database())
                      AND l.classid::bigint = ($1::bigint >> 32)
                      AND l.objid::bigint = ($1::bigint & 4294967295))
         OR ($2::text IS NOT NULL AND a.application_name = $2))

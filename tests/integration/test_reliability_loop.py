@@ -255,7 +255,8 @@ async def test_a_deposed_leader_commits_nothing_and_calls_no_platform(
         # The lock session is terminated: B takes over while A's pool still works.
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-            "AND granted AND objid = ($1::bigint & 4294967295)", a.key,
+            "AND granted AND objid = ($1::bigint & 4294967295) AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())", a.key,
         )
         with anyio.fail_after(10):
             await b.became_leader.wait()

@@ -24,9 +24,11 @@ from gardener.ingest.writer import SampleWriter
 from gardener.ledger import control, trials
 from gardener.ledger.snapshot import RaceInfo, SampleCache, load_snapshot, race_info
 from gardener.loop.control import LoopState
+from gardener.loop.leader import _END_HOLDER, LEADER_LOCK
 from gardener.loop.reconciler import QUIET_TAILS_PER_S, Reconciler
 from gardener.loop.tick import Q, Ticker
 from gardener.settings import Settings
+from tests.conftest import create_test_database, drop_test_database
 from tests.integration.test_apply import add_samples, curve, make_race
 
 
@@ -604,3 +606,28 @@ def test_quiet_services_are_tailed_no_more_than_the_fleet_allows() -> None:
     base, most = rec._intervals("local")
     assert base == rec.log_interval and most == pytest.approx(10_000 / QUIET_TAILS_PER_S)
     assert rec._intervals("railway")[1] >= 300.0
+
+
+async def test_ending_a_stale_leader_spares_the_leaders_of_other_ledgers_on_the_server(
+    db_dsn: str, pg_server_dsn: str, template_db: str
+) -> None:
+    """Two ledgers on one PostgreSQL server (or a benchmark beside a test suite): their
+    leaders hold the same advisory key, and ending one's stale holder must not end the
+    other's (pg_locks and pg_stat_activity span the server)."""
+    other_dsn = await create_test_database(pg_server_dsn, template_db)
+    other = await asyncpg.connect(other_dsn)
+    mine = await asyncpg.connect(db_dsn)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
+        ended = await mine.fetch(_END_HOLDER, LEADER_LOCK, None)
+        assert ended == []
+        assert await other.fetchval("SELECT 1") == 1  # the other ledger's leader lives on
+        # In its own database, the holder is ended.
+        holder = await asyncpg.connect(db_dsn)
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
+        assert len(await mine.fetch(_END_HOLDER, LEADER_LOCK, None)) == 1
+        await holder.close(timeout=2)
+    finally:
+        await mine.close()
+        await other.close()
+        await drop_test_database(pg_server_dsn, other_dsn)
