@@ -96,6 +96,7 @@ class Ticker:
         rescan_every: float = 30.0,
         min_interval: float | None = None,
         soft_budget: float = 0.1,
+        soft_share: float | None = 0.02,
         settle: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         on_desired_change: Callable[[], None] | None = None,
@@ -111,6 +112,8 @@ class Ticker:
             max(5 * settings.poll_interval, 10.0) if min_interval is None else min_interval
         )
         self.soft_budget = soft_budget
+        self.soft_share = soft_share
+        self._cost: dict[str, float] = {}  # seconds the last decide of each race took
         self.clock = clock
         self.on_desired_change = on_desired_change
         self.base = base_config(settings)
@@ -154,6 +157,17 @@ class Ticker:
             held = self._configs[race.name] = (race.config, cfg, above)
         return held
 
+    def _soft_interval(self, name: str) -> float:
+        """How long a race with new samples but no crossing waits between decides: at least
+        ``min_interval``, and long enough that these decides take at most ``soft_share`` of
+        the ticker's time (each race's last decide duration times the races waiting), so a
+        crossing rarely arrives while one runs: 10 s at a hundred trials, about a minute for
+        ten races of a thousand."""
+        if self.soft_share is None:
+            return self.min_interval
+        share = self._cost.get(name, 0.0) * len(self._soft) / self.soft_share
+        return max(self.min_interval, share)
+
     def _next_boundaries(self, races: dict[str, RaceInfo]) -> dict[str, list[int | None]]:
         return {name: self._config_entry(race)[2] for name, race in races.items()}
 
@@ -164,6 +178,8 @@ class Ticker:
             races = {k: v for k, v in races.items() if v.account == self.account}
         for name in set(self._configs) - set(races):
             del self._configs[name]
+        for name in set(self._cost) - set(races):
+            del self._cost[name]
         return races
 
     # -- the tick -----------------------------------------------------------------------------
@@ -228,7 +244,9 @@ class Ticker:
             for name in sorted(self._soft - crossing):
                 if name not in races:
                     self._soft.discard(name)
-                elif now - self._last_decided.get(name, float("-inf")) >= self.min_interval:
+                elif now - self._last_decided.get(name, float("-inf")) >= self._soft_interval(
+                    name
+                ):
                     soft_due.append(name)
             report.crossings = sorted(crossing)
             # Crossings first; the other races only within a time budget, and not once a new
@@ -248,7 +266,9 @@ class Ticker:
                 if not race.decides:
                     continue
                 try:
+                    began = time.perf_counter()
                     await self._decide_race(conn, race, paused, report)
+                    self._cost[name] = time.perf_counter() - began
                 except TRANSIENT_DB_ERRORS:
                     raise
                 except LeadershipLost:

@@ -93,6 +93,7 @@ class Clock:
 
 def ticker(pool: asyncpg.Pool, **kw: object) -> Ticker:
     settings = Settings(stall_after=kw.pop("stall_after", 600.0))  # type: ignore[arg-type]
+    kw.setdefault("soft_share", None)
     return Ticker(pool, settings, min_interval=0.0, **kw)  # type: ignore[arg-type]
 
 
@@ -631,3 +632,16 @@ async def test_ending_a_stale_leader_spares_the_leaders_of_other_ledgers_on_the_
         await mine.close()
         await other.close()
         await drop_test_database(pg_server_dsn, other_dsn)
+
+
+async def test_decides_without_a_crossing_take_a_bounded_share_of_the_ticker(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    t = Ticker(pool, Settings(), min_interval=10.0, soft_share=0.02)
+    t._soft = {f"r{i}" for i in range(10)}
+    assert t._soft_interval("r0") == 10.0  # never decided: the floor
+    t._cost["r0"] = 0.1  # a race of a thousand trials
+    assert t._soft_interval("r0") == pytest.approx(0.1 * 10 / 0.02)  # ten waiting: 50 s
+    t._cost["r1"] = 0.005
+    assert t._soft_interval("r1") == 10.0
+    assert Ticker(pool, Settings(), min_interval=10.0, soft_share=None)._soft_interval("r0") == 10.0
