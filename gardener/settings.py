@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     decision_config: Path | None = Field(
         default=None, description="GARDENER_DECISION_CONFIG: a TOML file overriding rung rules."
     )
+    view_token: SecretStr | None = Field(
+        default=None,
+        description="GARDENER_VIEW_TOKEN: if set, the race view's API asks for it (a secret).",
+    )
+    view_account: str | None = Field(
+        default=None,
+        description="GARDENER_VIEW_ACCOUNT: the race view shows only this account's races.",
+    )
 
     def database_dsn(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None

@@ -169,9 +169,10 @@ async def serve(
 
                 sock = http_mod.bind(settings.host, settings.port)
                 state.http_port = int(sock.getsockname()[1])
-                app = http_mod.make_app(
-                    state, pool, extra_routes=http_mod.ingest_routes(writer, settings)
-                )
+                app = http_mod.make_app(state, pool, extra_routes=[
+                    *http_mod.ingest_routes(writer, settings),
+                    *http_mod.view_routes(pool, settings, state),
+                ])
                 tg.start_soon(
                     _critical, "http", state, lambda: http_mod.serve_http(app, sock, state)
                 )

@@ -1,4 +1,4 @@
-"""The daemon's HTTP face: /healthz, /readyz, /metrics, and ingest's POST /v1/samples.
+"""The daemon's HTTP face: /healthz, /readyz, /metrics, ingest's POST /v1/samples, the view.
 
 /healthz says the process is alive (the event loop answers). /readyz checks the database
 (one query), that every migration is applied, and reports the role (leader or standby) in
@@ -49,6 +49,13 @@ def ingest_routes(writer: Any, settings: Settings) -> list[BaseRoute]:
             return list(make(writer, settings))
     log.warning("ingest_routes_missing", note="POST /v1/samples is not served")
     return []
+
+
+def view_routes(pool: asyncpg.Pool, settings: Settings, state: LoopState) -> list[BaseRoute]:
+    """The race view (``/`` and ``/api/*``, gardener/view); its event streams end on stop."""
+    from gardener.view import routes
+
+    return routes(pool, settings, stop=state.stop)
 
 
 def make_app(
