@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -73,7 +73,10 @@ class ViewData:
         self._marks_at = -1.0
         self._marks_lock = anyio.Lock()
         self._race_locks: dict[str, anyio.Lock] = {}
-        self._races: OrderedDict[str, tuple[tuple[Any, ...], dict[str, Any]]] = OrderedDict()
+        # race -> (watermarks it was computed under, the view, its serialised parts)
+        self._races: OrderedDict[
+            str, tuple[tuple[Any, ...], dict[str, Any], dict[str, bytes]]
+        ] = OrderedDict()
 
     async def watermarks(self) -> dict[str, Any]:
         """The ledger's change counters; one query per ``WATERMARK_TTL_S`` however many ask."""
@@ -109,6 +112,24 @@ class ViewData:
 
     async def race(self, name: str) -> dict[str, Any] | None:
         """One race: its rungs, trials with fits and ranks, curves and bands, tripwires."""
+        held = await self._race_entry(name)
+        return held[1] if held is not None else None
+
+    async def race_part(
+        self, name: str, part: str, render: Callable[[dict[str, Any]], bytes]
+    ) -> bytes | None:
+        """A serialised part of the race's view (``render(view)``), made once per change."""
+        held = await self._race_entry(name)
+        if held is None:
+            return None
+        _, view, parts = held
+        if part not in parts:
+            parts[part] = await anyio.to_thread.run_sync(render, view)
+        return parts[part]
+
+    async def _race_entry(
+        self, name: str
+    ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, bytes]] | None:
         marks = await self.watermarks()
         key = (marks["samples"], marks["decisions"], marks["tripwires"], marks["trials"],
                marks["races"])
@@ -117,16 +138,17 @@ class ViewData:
             held = self._races.get(name)
             if held is not None and held[0] == key:
                 self._races.move_to_end(name)
-                return held[1]
+                return held
             view = await self._compute(name)
             if view is None:
                 return None
-            self._races[name] = (key, view)
+            entry: tuple[tuple[Any, ...], dict[str, Any], dict[str, bytes]] = (key, view, {})
+            self._races[name] = entry
             self._races.move_to_end(name)
             while len(self._races) > RACE_CACHE_SIZE:
                 old, _ = self._races.popitem(last=False)
                 self._race_locks.pop(old, None)
-            return view
+            return entry
 
     async def _compute(self, name: str) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn:

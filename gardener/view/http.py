@@ -127,21 +127,13 @@ def routes(
     async def races(_: Request) -> Response:
         return _json({"account": settings.view_account, "races": await data.races()})
 
-    async def race(request: Request) -> Response:
-        name = request.path_params["name"]
-        view = await data.race(name)
-        if view is None:
-            return _error(404, f"no race {name!r}")
+    def render_detail(view: dict[str, Any]) -> bytes:
         trials = [{k: v for k, v in t.items() if k not in CURVE_KEYS} for t in view["trials"]]
-        return _json({**view, "trials": trials})
+        return _dumps({**view, "trials": trials})
 
-    async def race_curves(request: Request) -> Response:
-        name = request.path_params["name"]
-        view = await data.race(name)
-        if view is None:
-            return _error(404, f"no race {name!r}")
+    def render_curves(view: dict[str, Any]) -> bytes:
         race_info = view["race"]
-        return _json({
+        return _dumps({
             "race": race_info["name"],
             "horizon": race_info["horizon"],
             "rungs": race_info["rungs"],
@@ -157,6 +149,20 @@ def routes(
                 for t in view["trials"]
             ],
         })
+
+    async def race(request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await data.race_part(name, "detail", render_detail)
+        if body is None:
+            return _error(404, f"no race {name!r}")
+        return Response(body, media_type="application/json", headers=_NO_CACHE)
+
+    async def race_curves(request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await data.race_part(name, "curves", render_curves)
+        if body is None:
+            return _error(404, f"no race {name!r}")
+        return Response(body, media_type="application/json", headers=_NO_CACHE)
 
     async def decisions(request: Request) -> Response:
         name = request.path_params["name"]

@@ -8,12 +8,15 @@ const STATE_COLOURS = {
   PARALLEL_LOSING: "var(--parallel)", DIVERGING: "var(--diverging)", UNKNOWN: "var(--unknown)",
 };
 const REFRESH_MS = 1000;     // curves and table refresh at most this often while samples flow
+const TABLE_FIRST = 60;      // table rows drawn with the first paint; the rest follow
+const TABLE_CHUNK = 250;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 const view = {
   races: [], race: null, detail: null, curves: null, decisions: new Map(),
   marks: null, painted: false, firstPaintMs: null, busy: false, dirty: false, lastFetch: 0,
-  timer: null, highlighted: null, sort: { key: "rank", dir: 1 },
+  timer: null, highlighted: null, sort: { key: "rank", dir: 1 }, tableGeneration: 0,
+  renderMs: 0, groups: new Map(),
 };
 window.__view = view;
 
@@ -77,6 +80,7 @@ async function loadRaces() {
 
 function renderRaces() {
   const nav = $("races");
+  if (!view.races.length && view.race) return;  // the list has not arrived yet
   if (!view.races.length) { nav.innerHTML = '<p class="muted">No races yet.</p>'; return; }
   nav.innerHTML = view.races.map((r) => `
     <a href="#race=${encodeURIComponent(r.name)}" data-race="${esc(r.name)}"
@@ -109,7 +113,9 @@ function selectRace(name) {
 
 function scheduleRefresh() {
   if (view.timer) return;
-  const wait = Math.max(0, REFRESH_MS - (performance.now() - view.lastFetch));
+  // A big race renders slowly: refresh it less often, so the page stays responsive.
+  const every = Math.max(REFRESH_MS, 3 * view.renderMs);
+  const wait = Math.max(0, every - (performance.now() - view.lastFetch));
   view.timer = setTimeout(() => { view.timer = null; refreshRace(false); }, wait);
 }
 
@@ -124,13 +130,20 @@ async function refreshRace(first) {
       api(`/api/races/${q}`), api(`/api/races/${q}/curves`), api(`/api/races/${q}/decisions`),
     ]);
     if (name !== view.race) return;
+    if (!view.painted) performance.mark("race-data");
     view.detail = detail; view.curves = curves;
     mergeDecisions(decisions.decisions, !first);
+    const began = performance.now();
     renderRace();
+    view.renderMs = performance.now() - began;
     if (!view.painted) {
+      performance.mark("race-dom");
       view.painted = true;
-      view.firstPaintMs = performance.now();
-      document.body.dataset.painted = "1";
+      // Painted once the frame holding the race has been drawn, not when the DOM was built.
+      requestAnimationFrame(() => setTimeout(() => {
+        view.firstPaintMs = performance.now();
+        document.body.dataset.painted = "1";
+      }, 0));
     }
   } catch (err) {
     if (err instanceof Unauthorised) { askToken(true); return; }
@@ -259,7 +272,7 @@ function renderChart() {
   el("line", { x1: M.l, x2: M.l, y1: M.t, y2: H - M.b }, axes);
   el("line", { x1: M.l, x2: W - M.r, y1: H - M.b, y2: H - M.b }, axes);
 
-  const plot = el("g", { "clip-path": "url(#plot)" }, svg);
+  const plot = el("g", { class: "plot", "clip-path": "url(#plot)" }, svg);
   rungs.forEach((s, i) => {
     el("line", { class: "rung", x1: X(s), x2: X(s), y1: M.t, y2: H - M.b, "data-step": s }, plot);
     const right = X(s) > W - M.r - 80;
@@ -275,8 +288,10 @@ function renderChart() {
   };
   // Drawn live ones last so they sit on top of the pruned.
   const order = curves.slice().sort((a, b) => Number(b.pruned) - Number(a.pruned));
+  const groups = new Map();
   for (const c of order) {
     const g = el("g", { class: `trial${c.pruned ? " pruned" : ""}`, "data-name": c.canon_name }, plot);
+    groups.set(c.canon_name, g);
     const col = colour(c.seed_state);
     if (c.band) {
       const lo = pts(c.band.step, c.band.low), hi = pts(c.band.step, c.band.high).reverse();
@@ -292,19 +307,33 @@ function renderChart() {
       el("title", {}, p).textContent = c.canon_name;
     }
   }
-  box.replaceChildren(svg);
+  // The highlight lives in a second SVG laid over the first, so drawing it relays out
+  // nothing of the thousand trials below.
+  const over = el("svg", { viewBox: `0 0 ${W} ${H}`, class: "overlay", "aria-hidden": "true" });
+  el("clipPath", { id: "plot-top" }, el("defs", {}, over)).appendChild(
+    el("rect", { x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b }));
+  const top = el("g", { class: "top", "clip-path": "url(#plot-top)" }, over);
+  el("rect", { class: "veil", x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b,
+               display: "none" }, top);
+  view.groups = groups;
+  box.replaceChildren(svg, over);
   if (view.highlighted) highlight(view.highlighted);
 }
 
+// Highlighting restyles nothing else: a veil dims every trial at once and a copy of the
+// chosen one is drawn over it (a thousand trials stay responsive).
 function highlight(name) {
   view.highlighted = name;
-  const svg = $("chart").querySelector("svg");
-  if (!svg) return;
-  for (const g of svg.querySelectorAll("g.trial.hl")) g.classList.remove("hl");
-  svg.classList.toggle("has-hl", Boolean(name));
-  if (!name) return;
-  const g = svg.querySelector(`g.trial[data-name="${CSS.escape(name)}"]`);
-  if (g) { g.classList.add("hl"); g.parentNode.appendChild(g); }
+  const top = $("chart").querySelector("svg.overlay g.top");
+  if (!top) return;
+  top.querySelector("g.trial")?.remove();
+  const g = name ? view.groups.get(name) : null;
+  top.querySelector(".veil").setAttribute("display", g ? "inline" : "none");
+  if (!g) return;
+  const copy = g.cloneNode(true);
+  copy.classList.add("hl");
+  copy.classList.remove("pruned");
+  top.appendChild(copy);
 }
 
 const COLUMNS = [
@@ -332,18 +361,29 @@ function renderTrials() {
   const head = "<thead><tr>" + COLUMNS.map(([k, label, num]) =>
     `<th data-key="${k}" class="${num ? "num" : ""}">${label}${k === key ? (dir > 0 ? " ▴" : " ▾") : ""}</th>`
   ).join("") + "</tr></thead>";
-  const rows = trials.map((t) => {
+  const row = (t) => {
     const p = t.predicted_final;
     const pred = p ? `${fmt(p.mean)} <span class="muted">[${fmt(p.low)}, ${fmt(p.high)}]</span>`
       : `<span class="muted" title="${esc(t.fit.reason)}">no fit</span>`;
     return `<tr data-name="${esc(t.canon_name)}" class="${t.pruned ? "pruned" : ""}">
-      <td class="num">${t.rank ?? ""}</td><td>${esc(t.canon_name)}</td><td>${esc(t.account)}</td>
-      <td>${esc(t.state)}</td>
+      <td class="num">${t.rank ?? ""}</td><td title="${esc(t.canon_name)}">${esc(t.canon_name)}</td>
+      <td>${esc(t.account)}</td><td>${esc(t.state)}</td>
       <td><span class="dot" style="background:${colour(t.seed_state)}"></span>${esc(t.seed_state || "—")}</td>
       <td class="num">${t.last_step ?? ""}</td><td class="num">${fmt(t.last_bpb)}</td>
       <td class="num">${pred}</td></tr>`;
-  }).join("");
-  $("trials").innerHTML = head + "<tbody>" + rows + "</tbody>";
+  };
+  // The rows in view first; the rest in later tasks, so a thousand trials do not hold up
+  // the first paint (a newer render cancels an older one's remainder).
+  const generation = ++view.tableGeneration;
+  $("trials").innerHTML = head + "<tbody>" + trials.slice(0, TABLE_FIRST).map(row).join("") +
+    "</tbody>";
+  const body = $("trials").tBodies[0];
+  const more = (from) => {
+    if (generation !== view.tableGeneration || from >= trials.length) return;
+    body.insertAdjacentHTML("beforeend", trials.slice(from, from + TABLE_CHUNK).map(row).join(""));
+    setTimeout(() => more(from + TABLE_CHUNK), 0);
+  };
+  setTimeout(() => more(TABLE_FIRST), 0);
   $("trial-count").textContent = `${trials.length}`;
 }
 
@@ -406,7 +446,10 @@ function listen() {
     view.marks = marks;
     if (!old) return;
     if (old.races !== marks.races || old.decisions !== marks.decisions) loadRaces().catch(() => {});
-    if (old.decisions !== marks.decisions) { refreshDecisions(); scheduleRefresh(); return; }
+    if (old.decisions !== marks.decisions) {
+      view.decisionsChangedAt = Date.now();  // when the page heard of it (for the tests)
+      refreshDecisions(); scheduleRefresh(); return;
+    }
     if (old.samples !== marks.samples || old.trials !== marks.trials ||
         old.tripwires !== marks.tripwires) scheduleRefresh();
   });
@@ -417,6 +460,9 @@ async function start() {
   try {
     const meta = await api("/api/meta");
     if (meta.token_required && !hasTokenCookie()) { askToken(false); return; }
+    // A race named in the address is fetched at once, beside the list of races.
+    const wanted = selectedFromHash();
+    if (wanted && !view.race) selectRace(wanted);
     await loadRaces();
     $("token-dialog").open && $("token-dialog").close();
     if (!view.source) listen();

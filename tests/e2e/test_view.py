@@ -1,0 +1,259 @@
+"""The race view in a real headless Chromium against ``gardener run`` with a running race.
+
+The daemon is the CLI beside this interpreter, on a real PostgreSQL, with its trainers on the
+fake Railway (services there, no processes here) so the test decides when samples arrive:
+samples are posted to the daemon's ``/v1/samples``, the daemon decides at the rungs, and the
+page, loaded once, must show every curve with its fitted band, then a decision committed after
+it loaded within 2 s, without a reload. A second race of 1,000 trials (another account, which
+this daemon does not act for) must paint within 2 s. Screenshots are kept: under
+``GARDENER_VIEW_ARTIFACTS`` when set, else the test's tmp directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import httpx
+import numpy as np
+import pytest
+
+from gardener.core import canon
+from gardener.ledger import trials
+from tests.e2e.chromium import CHROMIUM, Page, chromium
+from tests.e2e.test_daemon import Daemon
+from tests.fake_railway import FakeRailway
+from tests.integration.test_apply import RUNGS, curve, make_race
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)",
+    ),
+]
+
+INGEST_TOKEN = "view-e2e-ingest"
+RAILWAY_TOKEN = "acc1-railway-token-view"
+TEMPLATES = """
+[defaults]
+image = "ghcr.io/example/gardener:test"
+start_command = "python -m gardener.trainer"
+restart_policy = "ON_FAILURE"
+"""
+BIG = 1000
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRailway]:
+    with FakeRailway(step_seconds=0.005, visibility_delay=0.02, timeout_sleep=0.4) as server:
+        yield server
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    where = os.environ.get("GARDENER_VIEW_ARTIFACTS")
+    out = Path(where) if where else tmp_path / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def railway_env(fake: FakeRailway, tmp: Path) -> dict[str, str]:
+    project, environment = fake.add_project(RAILWAY_TOKEN)
+    templates = tmp / "railway.toml"
+    templates.write_text(TEMPLATES)
+    return {
+        "GARDENER_BACKEND": "railway",
+        "GARDENER_RAILWAY_CONFIG": str(templates),
+        "GARDENER_RAILWAY_URL": fake.url,
+        "RAILWAY_TOKEN_ACC1": RAILWAY_TOKEN,
+        "GARDENER_RAILWAY_PROJECT_ACC1": project,
+        "GARDENER_RAILWAY_ENVIRONMENT_ACC1": environment,
+        "GARDENER_INGEST_TOKEN_ACC1": INGEST_TOKEN,
+    }
+
+
+async def post_samples(port: int, samples: dict[str, list[tuple[int, float]]]) -> None:
+    body = {"samples": [
+        {"canon_name": name, "step": step, "bpb": bpb}
+        for name, points in samples.items() for step, bpb in points
+    ]}
+    async with httpx.AsyncClient() as client:
+        r = await client.post(f"http://127.0.0.1:{port}/v1/samples", json=body, timeout=10,
+                              headers={"Authorization": f"Bearer {INGEST_TOKEN}"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["counts"]) == {"accepted"}, r.json()["counts"]
+
+
+async def quiet_decisions(conn: asyncpg.Connection, quiet_s: float = 1.5) -> int:
+    """Wait until no decision has been written for ``quiet_s``; the highest id."""
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        top = int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM gardener_decisions"))
+        if top != last:
+            last, since = top, time.monotonic()
+        await anyio.sleep(0.1)
+    return last
+
+
+async def big_race(conn: asyncpg.Connection, n: int = BIG, points: int = 40) -> list[str]:
+    """A race of ``n`` trials of acc2 with ``points`` samples each, written in one COPY."""
+    await trials.ensure_race(conn, "view-big", "acc2", horizon=2000,
+                             config={"rungs": [100, 500, 2000]})
+    names = await trials.admit(conn, "view-big", "acc2", [
+        trials.Admission(canon.CanonName("PHI", "FP32", ("WSD",), 20_000 + i, 20_000 + i),
+                         steps=2000)
+        for i in range(n)
+    ])
+    rng = np.random.default_rng(7)
+    steps = np.arange(10, 10 * points + 1, 10)
+    records = []
+    for i, name in enumerate(names):
+        bpb = 2.0 + 0.2 * i / n + 1.5 * steps ** -0.3 + rng.normal(0, 0.002, points)
+        records += [(name, 20_000 + i, int(s), round(float(b), 4)) for s, b in zip(steps, bpb,
+                                                                                  strict=True)]
+    await conn.copy_records_to_table("bpb_samples", records=records,
+                                     columns=["canon_name", "seed", "step", "bpb"])
+    return names
+
+
+COUNTS = """(() => {
+  const svg = document.querySelector('#chart svg:not(.overlay)');
+  return svg ? {
+    trials: svg.querySelectorAll('g.plot > g.trial').length,
+    curves: svg.querySelectorAll('g.plot > g.trial path.curve').length,
+    bands: svg.querySelectorAll('g.plot > g.trial path.band').length,
+    fits: svg.querySelectorAll('g.plot > g.trial path.fit').length,
+    pruned: svg.querySelectorAll('g.plot > g.trial.pruned').length,
+    rungs: svg.querySelectorAll('line.rung').length,
+    rows: document.querySelectorAll('#trials tbody tr').length,
+    decisions: document.querySelectorAll('#decisions li').length,
+  } : null;
+})()"""
+
+
+async def load(page: Page, url: str) -> dict[str, Any]:
+    """A fresh load of ``url``; how long until the race was painted, from two clocks."""
+    await page.navigate("about:blank")
+    started = time.monotonic()
+    await page.send("Page.navigate", url=url)
+    await page.wait_for("document.body && document.body.dataset.painted === '1'", 30, every=0.01)
+    return {
+        "wall_ms": (time.monotonic() - started) * 1000,
+        "first_paint_ms": await page.evaluate("window.__view.firstPaintMs"),
+        # Where the time went: data fetched, DOM built (ms since the navigation started).
+        **await page.evaluate(
+            "Object.fromEntries(performance.getEntriesByType('mark')"
+            ".map(m => [m.name + '_ms', m.startTime]))"),
+    }
+
+
+async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload(
+    db_dsn: str, tmp_path: Path, conn: asyncpg.Connection, fake: FakeRailway, artifacts: Path,
+) -> None:
+    names = await make_race(conn, "view-e2e", 6, first_exp=7000, first_seed=7000)
+    await big_race(conn)
+    d = Daemon(db_dsn, tmp_path, "view", env=railway_env(fake, tmp_path)).start()
+    try:
+        port = await d.port()
+        # Up to step 35: rung 0 (step 20) is crossed, rung 1 (step 40) not yet.
+        await post_samples(port, {n: curve(0.03 * i, 35, seed=i) for i, n in enumerate(names)})
+        before = await quiet_decisions(conn)
+        url = f"http://127.0.0.1:{port}/#race=view-e2e"
+        figures: dict[str, Any] = {}
+        async with chromium(log=tmp_path / "chromium.log") as page:
+            figures["small"] = await load(page, url)
+            await page.evaluate("window.__loadedOnce = 'yes'")
+            shown = await page.evaluate(COUNTS)
+            assert shown["trials"] == shown["curves"] == shown["rows"] == len(names), shown
+            assert shown["bands"] == shown["fits"] == len(names), shown
+            assert shown["rungs"] == len(RUNGS) and shown["pruned"] == 0, shown
+            await page.screenshot(artifacts / "view-loaded.png")
+
+            # Rung 1 (step 40) is crossed after the page loaded: the daemon halves the race.
+            await post_samples(port, {n: curve(0.03 * i, 45, seed=i)[7:]
+                                      for i, n in enumerate(names)})
+            with anyio.fail_after(20):
+                while (row := await conn.fetchrow(
+                    "SELECT id, decided_at FROM gardener_decisions WHERE id > $1 "
+                    "ORDER BY id LIMIT 1", before)) is None:
+                    await anyio.sleep(0.02)
+            shown_js = f"!!document.querySelector('#decisions li[data-id=\"{row['id']}\"]')"
+            await page.wait_for(shown_js, 5, every=0.01)
+            shown_after_s = time.time() - row["decided_at"].timestamp()
+            figures["decision_on_page_s"] = shown_after_s
+            heard = await page.evaluate("window.__view.decisionsChangedAt") / 1000
+            figures["decision_heard_s"] = heard - row["decided_at"].timestamp()
+            assert shown_after_s < 2.0, shown_after_s
+            assert await page.evaluate("window.__loadedOnce") == "yes"  # no reload
+            await quiet_decisions(conn)  # the rung's other decisions, then count the prunes
+            pruned = await conn.fetchval(
+                "SELECT count(*) FROM gardener_decisions WHERE race = 'view-e2e' "
+                "AND action = 'prune' AND applied")
+            assert pruned > 0
+            await page.wait_for(f"{COUNTS}.pruned === {pruned}", 5)
+            reason = await conn.fetchval("SELECT reason FROM gardener_decisions WHERE id = $1",
+                                         row["id"])
+            text = await page.evaluate("document.querySelector('#decisions').innerText")
+            assert reason in text
+            await page.screenshot(artifacts / "view-decided.png")
+            assert page.console_errors() == []
+
+            # 1,000 trials: first paint within 2 s, every curve and band drawn, still responsive.
+            figures["big"] = await load(page, f"http://127.0.0.1:{port}/#race=view-big")
+            big = await page.evaluate(COUNTS)
+            assert big["curves"] == big["bands"] == big["fits"] == BIG, big
+            # The table's first rows come with the first paint, the rest right after.
+            figures["big"]["table_ms"] = await page.wait_for(
+                f"{COUNTS}.rows === {BIG} && performance.now()", 10)
+            # A full re-render (as on a live update), until its frame is drawn.
+            figures["big"]["rerender_ms"] = await page.evaluate(
+                "new Promise(done => { const t = performance.now(); renderRace(); "
+                "requestAnimationFrame(() => setTimeout(() => done(performance.now() - t))); })")
+            await page.wait_for(f"{COUNTS}.rows === {BIG}", 10)
+            await page.evaluate("new Promise(r => requestAnimationFrame(() => setTimeout(r)))")
+            # Hovering a row highlights its curve: the copy drawn over the chart, laid out.
+            figures["big"]["hover_ms"] = await page.evaluate(
+                "(() => { const t = performance.now(); const tr = "
+                "document.querySelector('#trials tbody tr:nth-child(500)'); "
+                "tr.dispatchEvent(new MouseEvent('mouseover', {bubbles: true})); "
+                "document.querySelector('#chart svg.overlay g.trial.hl').getBBox(); "
+                "document.body.offsetHeight; return performance.now() - t; })()")
+            await page.screenshot(artifacts / "view-1000-trials.png")
+            assert page.console_errors() == []
+        (artifacts / "view-figures.json").write_text(json.dumps(figures, indent=2))
+        assert figures["big"]["first_paint_ms"] <= 2000, figures
+        assert figures["big"]["rerender_ms"] <= 2000 and figures["big"]["hover_ms"] <= 100, figures
+    finally:
+        d.signal(15)
+        assert d.wait(15) == 0, d.log_path.read_text()[-3000:]
+
+
+async def test_the_page_asks_for_the_token_and_opens_with_it(
+    db_dsn: str, tmp_path: Path, conn: asyncpg.Connection, artifacts: Path,
+) -> None:
+    # acc2's race: this daemon (acc1) only shows it, so no trainer starts.
+    await make_race(conn, "view-token", 3, account="acc2", first_exp=7100, first_seed=7100)
+    env = {"GARDENER_VIEW_TOKEN": "let-me-see"}
+    d = Daemon(db_dsn, tmp_path, "token", env=env).start()
+    try:
+        port = await d.port()
+        async with chromium() as page:
+            await page.navigate(f"http://127.0.0.1:{port}/")
+            await page.wait_for("document.getElementById('token-dialog').open", 10)
+            assert await page.evaluate("document.querySelectorAll('#races a').length") == 0
+            await page.evaluate("document.getElementById('token-input').value = 'let-me-see'")
+            await page.evaluate("document.querySelector('#token-form button').click()")
+            await page.wait_for("document.body.dataset.painted === '1'", 15)
+            assert await page.evaluate("document.querySelectorAll('#races a').length") == 1
+            assert await page.evaluate(f"{COUNTS}.rows") == 3
+            assert page.console_errors() == []
+    finally:
+        d.signal(15)
+        assert d.wait(15) == 0, d.log_path.read_text()[-3000:]
