@@ -102,6 +102,18 @@ async def quiet_decisions(conn: asyncpg.Connection, quiet_s: float = 1.5) -> int
     return last
 
 
+async def first_decision_after(conn: asyncpg.Connection, mark: int, within: float) -> Any:
+    """The first decision with an id above ``mark``, once committed."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        row = await conn.fetchrow("SELECT id, decided_at FROM gardener_decisions WHERE id > $1 "
+                                  "ORDER BY id LIMIT 1", mark)
+        if row is not None:
+            return row
+        await anyio.sleep(0.02)
+    raise AssertionError(f"no decision after id {mark} within {within}s")
+
+
 async def big_race(conn: asyncpg.Connection, n: int = BIG, points: int = 40) -> list[str]:
     """A race of ``n`` trials of acc2 with ``points`` samples each, written in one COPY."""
     await trials.ensure_race(conn, "view-big", "acc2", horizon=2000,
@@ -179,11 +191,7 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
             # Rung 1 (step 40) is crossed after the page loaded: the daemon halves the race.
             await post_samples(port, {n: curve(0.03 * i, 45, seed=i)[7:]
                                       for i, n in enumerate(names)})
-            with anyio.fail_after(20):
-                while (row := await conn.fetchrow(
-                    "SELECT id, decided_at FROM gardener_decisions WHERE id > $1 "
-                    "ORDER BY id LIMIT 1", before)) is None:
-                    await anyio.sleep(0.02)
+            row = await first_decision_after(conn, before, within=20)
             shown_js = f"!!document.querySelector('#decisions li[data-id=\"{row['id']}\"]')"
             await page.wait_for(shown_js, 5, every=0.01)
             shown_after_s = time.time() - row["decided_at"].timestamp()
