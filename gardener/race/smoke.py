@@ -292,9 +292,12 @@ async def _race(
     stop = anyio.Event()
     deadline = t0 + cfg.wallclock_s
 
-    async def daemon() -> None:
-        await serve_fn(settings, dsn=dsn, stop=stop, install_signal_handlers=False,
-                       http=serves_ingest(cfg, settings))
+    async def daemon() -> None:  # the race's page (address printed); ingest where trainers post
+        from gardener.view.launch import serve_with_page
+
+        await serve_with_page(serve_fn, settings, race, dsn=dsn, stop=stop,
+                              install_signal_handlers=False,
+                              public=serves_ingest(cfg, settings))
 
     async def run_probes() -> None:
         pconn = await db.connect(dsn)
