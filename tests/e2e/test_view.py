@@ -11,8 +11,10 @@ this daemon does not act for) must paint within 2 s. Screenshots are kept: under
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ import pytest
 from gardener.core import canon
 from gardener.ledger import trials
 from tests.e2e.chromium import CHROMIUM, Page, chromium
-from tests.e2e.test_daemon import Daemon
+from tests.e2e.test_daemon import GARDENER, Daemon
 from tests.fake_railway import FakeRailway
 from tests.integration.test_apply import RUNGS, curve, make_race
 
@@ -265,3 +267,40 @@ async def test_the_page_asks_for_the_token_and_opens_with_it(
     finally:
         d.signal(15)
         assert d.wait(15) == 0, d.log_path.read_text()[-3000:]
+
+
+async def test_the_smoke_race_prints_the_address_of_its_page(
+    db_dsn: str, tmp_path: Path
+) -> None:
+    """The smoke race serves the view while it runs and says where, on its first lines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GARDENER_", "DATABASE_"))}
+    env |= {"DATABASE_URL": db_dsn, "GARDENER_DATA_DIR": str(tmp_path / "data"),
+            "GARDENER_LOG_FORMAT": "json", "PORT": "0"}
+    args = ["smoke-race", "--tags", "WSD", "--seeds-per-tag", "1", "--max-steps", "20000",
+            "--wallclock", "60s", "--report", str(tmp_path / "report" / "SMOKE.md")]
+    err_path = tmp_path / "stderr"
+    with err_path.open("wb") as err_f:
+        proc = await asyncio.create_subprocess_exec(
+            str(GARDENER), *args, stdout=asyncio.subprocess.DEVNULL, stderr=err_f, env=env,
+            cwd=tmp_path)
+    try:
+        url = None
+        for _ in range(300):
+            lines = [x for x in err_path.read_text().splitlines() if x.startswith("view: ")]
+            if lines:
+                url = lines[0].split(" ", 1)[1]
+                break
+            assert proc.returncode is None, err_path.read_text()[-3000:]
+            await anyio.sleep(0.1)
+        assert url is not None and url.startswith("http://127.0.0.1:"), url
+        base, race = url.split("/#race=")
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            assert "app.js" in (await client.get("/")).text
+            body = (await client.get(f"/api/races/{race}")).json()
+        assert body["race"]["kind"] == "smoke" and body["race"]["status"] == "running"
+        assert [t["canon_name"] for t in body["trials"]] == ["IGLA-HYBRID-FP32-WSD-SMOKE-seed500"]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)  # tears the race down, trainer included
+            await asyncio.wait_for(proc.wait(), 60)
+    assert proc.returncode == 130, err_path.read_text()[-3000:]
