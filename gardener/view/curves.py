@@ -26,6 +26,17 @@ IntArray = npt.NDArray[np.int64]
 
 BAND_POINTS = 32  # steps at which the fitted curve and its band are evaluated
 MAX_POINTS = 160  # samples sent per curve at most
+POINT_BUDGET = 40_000  # samples sent per race at most (a big race gets fewer per curve)
+MIN_POINTS_PER_CURVE = 40
+BIG_RACE = 250  # above this many trials a band is evaluated at half the steps
+
+
+def budget(n_trials: int) -> tuple[int, int]:
+    """(band points, samples per curve) for a race of ``n_trials``: a thousand curves stay
+    light enough for a browser to draw at once."""
+    band = BAND_POINTS if n_trials <= BIG_RACE else BAND_POINTS // 2
+    points = max(MIN_POINTS_PER_CURVE, min(MAX_POINTS, POINT_BUDGET // max(1, n_trials)))
+    return band, points
 
 
 @dataclass(frozen=True)
@@ -72,13 +83,17 @@ def compute(
     horizon: int,
     *,
     level: float = 0.95,
-    band_points: int = BAND_POINTS,
-    max_points: int = MAX_POINTS,
+    band_points: int | None = None,
+    max_points: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Per trial (in the order given): its fit, predicted final, band and thinned points."""
+    """Per trial (in the order given): its fit, predicted final, band and thinned points.
+    ``band_points`` and ``max_points`` default to ``budget(len(series))``."""
     out: list[dict[str, Any]] = []
     if not series:
         return out
+    auto_band, auto_points = budget(len(series))
+    band_points = band_points or auto_band
+    max_points = max_points or auto_points
     width = max(1, max(len(s.steps) for s in series))
     steps = np.full((len(series), width), np.nan)
     values = np.full((len(series), width), np.nan)

@@ -252,6 +252,18 @@ def test_thinning_keeps_the_ends_and_the_horizon_covers_what_was_seen() -> None:
     assert curves.horizon_of(None, (), []) == 1
 
 
+def test_a_big_race_gets_fewer_points_per_curve() -> None:
+    assert curves.budget(6) == (curves.BAND_POINTS, curves.MAX_POINTS)
+    assert curves.budget(1000) == (curves.BAND_POINTS // 2, 40)
+    steps = np.arange(10, 3010, 10)
+    many = [curves.Series(f"t{i}", steps, 2.0 + 0.001 * i + 1.5 * steps ** -0.3)
+            for i in range(1000)]
+    out = curves.compute(many, 5000)
+    assert all(30 <= len(c["points"]["step"]) <= 40 for c in out)  # duplicates merged
+    assert {len(c["band"]["step"]) for c in out} == {curves.BAND_POINTS // 2}
+    assert all(c["points"]["step"][0] == 10 and c["points"]["step"][-1] == 3000 for c in out)
+
+
 def test_a_curve_that_cannot_be_fitted_is_shown_with_its_reason_and_ranked_by_its_value() -> None:
     good = curves.Series("good", np.arange(10, 110, 10), 2.0 + 1.2 * np.arange(10, 110, 10) ** -0.3)
     short = curves.Series("short", np.array([10, 20]), np.array([2.5, 2.4]))
