@@ -138,13 +138,13 @@ async def big_race(conn: asyncpg.Connection, n: int = BIG, points: int = 40) -> 
 
 
 COUNTS = """(() => {
+  // Each trial is one subpath (one "M") of the path drawing its kind.
   const svg = document.querySelector('#chart svg:not(.overlay)');
+  const n = (sel) => [...svg.querySelectorAll(sel)]
+    .reduce((k, p) => k + (p.getAttribute('d').match(/M/g) || []).length, 0);
   return svg ? {
-    trials: svg.querySelectorAll('g.plot > g.trial').length,
-    curves: svg.querySelectorAll('g.plot > g.trial path.curve').length,
-    bands: svg.querySelectorAll('g.plot > g.trial path.band').length,
-    fits: svg.querySelectorAll('g.plot > g.trial path.fit').length,
-    pruned: svg.querySelectorAll('g.plot > g.trial.pruned').length,
+    curves: n('path.curve'), bands: n('path.band'), fits: n('path.fit'),
+    pruned: n('path.curve.pruned'),
     rungs: svg.querySelectorAll('line.rung').length,
     rows: document.querySelectorAll('#trials tbody tr').length,
     decisions: document.querySelectorAll('#decisions li').length,
@@ -185,7 +185,7 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
             figures["small"] = await load(page, url)
             await page.evaluate("window.__loadedOnce = 'yes'")
             shown = await page.evaluate(COUNTS)
-            assert shown["trials"] == shown["curves"] == shown["rows"] == len(names), shown
+            assert shown["curves"] == shown["rows"] == len(names), shown
             assert shown["bands"] == shown["fits"] == len(names), shown
             assert shown["rungs"] == len(RUNGS) and shown["pruned"] == 0, shown
             await page.screenshot(artifacts / "view-loaded.png")
@@ -198,8 +198,11 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
             await page.wait_for(shown_js, 5, every=0.01)
             shown_after_s = time.time() - row["decided_at"].timestamp()
             figures["decision_on_page_s"] = shown_after_s
-            heard = await page.evaluate("window.__view.decisionsChangedAt") / 1000
-            figures["decision_heard_s"] = heard - row["decided_at"].timestamp()
+            # When the event announcing it arrived (a refresh for the samples may fetch the
+            # decision even sooner; then the event comes after it).
+            heard = await page.evaluate("window.__view.decisionsChangedAt")
+            if heard is not None:
+                figures["decision_heard_s"] = heard / 1000 - row["decided_at"].timestamp()
             assert shown_after_s < 2.0, shown_after_s
             assert await page.evaluate("window.__loadedOnce") == "yes"  # no reload
             await quiet_decisions(conn)  # the rung's other decisions, then count the prunes
@@ -222,10 +225,13 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
             # The table's first rows come with the first paint, the rest right after.
             figures["big"]["table_ms"] = await page.wait_for(
                 f"{COUNTS}.rows === {BIG} && performance.now()", 10)
-            # A full re-render (as on a live update), until its frame is drawn.
+            await page.screenshot(artifacts / "view-1000-trials.png")
+            await page.evaluate("new Promise(r => requestAnimationFrame(() => setTimeout(r)))")
+            # A full re-render (as on a live update): how long it holds the page (script and
+            # layout in one task; the table's later rows follow in their own tasks).
             figures["big"]["rerender_ms"] = await page.evaluate(
-                "new Promise(done => { const t = performance.now(); renderRace(); "
-                "requestAnimationFrame(() => setTimeout(() => done(performance.now() - t))); })")
+                "(() => { const t = performance.now(); renderRace(); document.body.offsetHeight;"
+                " return performance.now() - t; })()")
             await page.wait_for(f"{COUNTS}.rows === {BIG}", 10)
             await page.evaluate("new Promise(r => requestAnimationFrame(() => setTimeout(r)))")
             # Hovering a row highlights its curve: the copy drawn over the chart, laid out.
@@ -235,7 +241,6 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
                 "tr.dispatchEvent(new MouseEvent('mouseover', {bubbles: true})); "
                 "document.querySelector('#chart svg.overlay g.trial.hl').getBBox(); "
                 "document.body.offsetHeight; return performance.now() - t; })()")
-            await page.screenshot(artifacts / "view-1000-trials.png")
             assert page.console_errors() == []
         (artifacts / "view-figures.json").write_text(json.dumps(figures, indent=2))
         assert figures["big"]["first_paint_ms"] <= 2000, figures

@@ -16,7 +16,7 @@ const view = {
   races: [], race: null, detail: null, curves: null, decisions: new Map(),
   marks: null, painted: false, firstPaintMs: null, busy: false, dirty: false, lastFetch: 0,
   timer: null, highlighted: null, sort: { key: "rank", dir: 1 }, tableGeneration: 0,
-  renderMs: 0, groups: new Map(),
+  renderMs: 0, shapes: new Map(),
 };
 window.__view = view;
 
@@ -286,25 +286,39 @@ function renderChart() {
     }
     return out;
   };
-  // Drawn live ones last so they sit on top of the pruned.
-  const order = curves.slice().sort((a, b) => Number(b.pruned) - Number(a.pruned));
-  const groups = new Map();
-  for (const c of order) {
-    const g = el("g", { class: `trial${c.pruned ? " pruned" : ""}`, "data-name": c.canon_name }, plot);
-    groups.set(c.canon_name, g);
-    const col = colour(c.seed_state);
+  // One path per kind (band, fit, curve), seed state and pruned-or-not, each trial one
+  // subpath of it: a thousand trials are a few dozen elements, not three thousand. Bands go
+  // under fits under curves, and the pruned under the live.
+  const batches = new Map();
+  const shapes = new Map();  // trial -> its own path data, for the highlight
+  for (const c of curves) {
+    const key = `${c.pruned ? "0" : "1"}|${c.seed_state || "UNKNOWN"}`;
+    if (!batches.has(key)) {
+      batches.set(key, { band: [], fit: [], curve: [], col: colour(c.seed_state), pruned: c.pruned });
+    }
+    const b = batches.get(key);
+    const shape = { col: b.col };
     if (c.band) {
       const lo = pts(c.band.step, c.band.low), hi = pts(c.band.step, c.band.high).reverse();
-      if (lo.length > 1) {
-        el("path", { class: "band", d: `M${lo.join("L")}L${hi.join("L")}Z`, fill: col }, g);
+      if (lo.length > 1 && hi.length > 1) {
+        shape.band = `M${lo.join("L")}L${hi.join("L")}Z`;
+        b.band.push(shape.band);
       }
       const mean = pts(c.band.step, c.band.mean);
-      if (mean.length > 1) el("path", { class: "fit", d: `M${mean.join("L")}`, stroke: col }, g);
+      if (mean.length > 1) { shape.fit = `M${mean.join("L")}`; b.fit.push(shape.fit); }
     }
     const line = pts(c.points.step, c.points.bpb);
-    if (line.length) {
-      const p = el("path", { class: "curve", d: `M${line.join("L")}`, stroke: col }, g);
-      el("title", {}, p).textContent = c.canon_name;
+    if (line.length) { shape.curve = `M${line.join("L")}`; b.curve.push(shape.curve); }
+    shapes.set(c.canon_name, shape);
+  }
+  const keys = [...batches.keys()].sort();
+  for (const kind of ["band", "fit", "curve"]) {
+    for (const key of keys) {
+      const b = batches.get(key);
+      if (!b[kind].length) continue;
+      const paint = kind === "band" ? { fill: b.col } : { stroke: b.col };
+      el("path", { class: `${kind}${b.pruned ? " pruned" : ""}`, d: b[kind].join(""),
+                   "data-state": key.split("|")[1], ...paint }, plot);
     }
   }
   // The highlight lives in a second SVG laid over the first, so drawing it relays out
@@ -315,7 +329,7 @@ function renderChart() {
   const top = el("g", { class: "top", "clip-path": "url(#plot-top)" }, over);
   el("rect", { class: "veil", x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b,
                display: "none" }, top);
-  view.groups = groups;
+  view.shapes = shapes;
   box.replaceChildren(svg, over);
   if (view.highlighted) highlight(view.highlighted);
 }
@@ -327,13 +341,13 @@ function highlight(name) {
   const top = $("chart").querySelector("svg.overlay g.top");
   if (!top) return;
   top.querySelector("g.trial")?.remove();
-  const g = name ? view.groups.get(name) : null;
-  top.querySelector(".veil").setAttribute("display", g ? "inline" : "none");
-  if (!g) return;
-  const copy = g.cloneNode(true);
-  copy.classList.add("hl");
-  copy.classList.remove("pruned");
-  top.appendChild(copy);
+  const shape = name ? view.shapes.get(name) : null;
+  top.querySelector(".veil").setAttribute("display", shape ? "inline" : "none");
+  if (!shape) return;
+  const g = el("g", { class: "trial hl", "data-name": name }, top);
+  if (shape.band) el("path", { class: "band", d: shape.band, fill: shape.col }, g);
+  if (shape.fit) el("path", { class: "fit", d: shape.fit, stroke: shape.col }, g);
+  if (shape.curve) el("path", { class: "curve", d: shape.curve, stroke: shape.col }, g);
 }
 
 const COLUMNS = [
