@@ -59,13 +59,14 @@ async def serve_with_page(
             update={"host": host, "port": free_or_any(host, settings.port)})
     state = LoopState(stop=stop)
 
-    async def announce() -> None:
-        while state.http_port is None and not stop.is_set():
+    async def announce() -> None:  # the daemon binds its socket first thing; say where
+        while not stop.is_set():
+            if state.http_port is not None:
+                url = page_address(host, state.http_port, race)
+                print(f"view: {url}", file=sys.stderr, flush=True)
+                log.info("view_listening", url=url, race=race)
+                return
             await anyio.sleep(0.05)
-        if state.http_port is not None:
-            url = page_address(host, state.http_port, race)
-            print(f"view: {url}", file=sys.stderr, flush=True)
-            log.info("view_listening", url=url, race=race)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(announce)
