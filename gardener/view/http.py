@@ -195,6 +195,8 @@ def routes(
                 with anyio.move_on_after(POLL_S):
                     await stopping.wait()
                 quiet += POLL_S
+                if await request.is_disconnected():  # a closed tab stops its own stream
+                    return
 
         return StreamingResponse(
             stream(),
