@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from gardener.errors import ConfigError
 from gardener.settings import Settings
 from gardener.view.data import ViewData
 
@@ -93,6 +94,9 @@ def routes(
     pool: asyncpg.Pool, settings: Settings, *, stop: anyio.Event | None = None
 ) -> list[BaseRoute]:
     """The page and ``/api/*`` for the daemon's Starlette app (``stop`` ends event streams)."""
+    if settings.view_account is not None and settings.view_account not in settings.accounts:
+        raise ConfigError(f"GARDENER_VIEW_ACCOUNT {settings.view_account!r} is not a known "
+                          f"account (known: {', '.join(settings.accounts)})")
     data = ViewData(pool, settings)
     secret = settings.view_token
     token = secret.get_secret_value().encode() if secret is not None else None

@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from gardener import view
 from gardener.core import canon
 from gardener.core.decide import decide
+from gardener.errors import ConfigError
 from gardener.ledger import trials
 from gardener.ledger.apply import apply_decisions
 from gardener.ledger.snapshot import load_snapshot, race_info
@@ -205,6 +206,11 @@ async def test_one_account_deployment_sees_only_its_races(
         assert {t["account"] for t in other["trials"]} == {"acc2"}
         # No sample yet: listed, not fitted, not ranked.
         assert all(t["predicted_final"] is None and t["rank"] is None for t in other["trials"])
+
+
+async def test_an_unknown_view_account_is_refused_at_start(pool: asyncpg.Pool) -> None:
+    with pytest.raises(ConfigError, match="GARDENER_VIEW_ACCOUNT 'acc9' is not a known account"):
+        view.routes(pool, Settings(view_account="acc9"))
 
 
 async def _next_change(lines: AsyncIterator[str]) -> dict[str, Any]:
