@@ -459,7 +459,8 @@ function listen() {
     const old = view.marks;
     view.marks = marks;
     if (!old) return;
-    if (old.races !== marks.races || old.decisions !== marks.decisions) loadRaces().catch(() => {});
+    if (old.races !== marks.races || old.decisions !== marks.decisions ||
+        old.trials !== marks.trials) loadRaces().catch(() => {});
     if (old.decisions !== marks.decisions) {
       view.decisionsChangedAt = Date.now();  // when the page heard of it (for the tests)
       refreshDecisions(); scheduleRefresh(); return;
