@@ -177,13 +177,13 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
     names = await make_race(conn, "view-e2e", 6, first_exp=7000, first_seed=7000)
     await big_race(conn)
     d = Daemon(db_dsn, tmp_path, "view", env=railway_env(fake, tmp_path)).start()
+    figures: dict[str, Any] = {}
     try:
         port = await d.port()
         # Up to step 35: rung 0 (step 20) is crossed, rung 1 (step 40) not yet.
         await post_samples(port, {n: curve(0.03 * i, 35, seed=i) for i, n in enumerate(names)})
         before = await quiet_decisions(conn)
         url = f"http://127.0.0.1:{port}/#race=view-e2e"
-        figures: dict[str, Any] = {}
         async with chromium(log=tmp_path / "chromium.log") as page:
             figures["small"] = await load(page, url)
             await page.evaluate("window.__loadedOnce = 'yes'")
@@ -251,6 +251,9 @@ async def test_the_page_shows_a_running_race_and_a_new_decision_without_a_reload
         (artifacts / "view-figures.json").write_text(json.dumps(figures, indent=2))
         assert figures["big"]["first_paint_ms"] <= 2000, figures
         assert figures["big"]["rerender_ms"] <= 2000 and figures["big"]["hover_ms"] <= 100, figures
+    except (AssertionError, TimeoutError) as exc:  # say what the page and the daemon saw
+        raise AssertionError(f"{exc!r}\nfigures: {figures}\ndaemon log (tail):\n"
+                             f"{d.log_path.read_text()[-3000:]}") from exc
     finally:
         d.signal(15)
         assert d.wait(15) == 0, d.log_path.read_text()[-3000:]
