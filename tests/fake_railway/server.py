@@ -242,7 +242,7 @@ class FakeRailway:
         app = Starlette(routes=[Route("/graphql/v2", self._endpoint, methods=["POST"])])
         config = uvicorn.Config(
             app, log_level="error", lifespan="off", timeout_graceful_shutdown=1,
-            access_log=False,
+            access_log=False, log_config=None,  # leave the process's logging as it is
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
