@@ -86,6 +86,8 @@ class Outcome:
     restarts: int = 0
     crashes: int = 0  # a daemon that exited by itself, not after a session event
     term_exit_codes: Counter[int] = field(default_factory=Counter)
+    term_seconds: list[float] = field(default_factory=list)  # SIGTERM to exit
+    stuck_after_signal: int = 0  # not gone 30 s after a signal (then SIGKILLed)
     non_json_lines: int = 0
     posts: int = 0
     post_retries: int = 0
@@ -197,8 +199,16 @@ class Supervisor:
         if self.proc.poll() is not None:
             await self.check()
             return None
+        sent = time.monotonic()
         self.proc.send_signal(sig)
-        code = await asyncio.to_thread(self.proc.wait, 15)
+        try:
+            code = await asyncio.to_thread(self.proc.wait, 30)
+        except subprocess.TimeoutExpired:  # counted, then ended: the run goes on
+            self.outcome.stuck_after_signal += 1
+            self.proc.kill()
+            code = await asyncio.to_thread(self.proc.wait, 10)
+        if sig == signal.SIGTERM:
+            self.outcome.term_seconds.append(round(time.monotonic() - sent, 2))
         self.outcome.restarts += 1
         self.start()
         return code
@@ -377,6 +387,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "answered_200": len(chaos.answered), "lost_samples": len(chaos.lost),
         "restarts": chaos.restarts, "crashes": chaos.crashes,
         "term_exit_codes": {str(k): v for k, v in chaos.term_exit_codes.items()},
+        "term_seconds_max": max(chaos.term_seconds, default=None),
+        "terms_over_10_s": sum(1 for t in chaos.term_seconds if t > 10),
+        "stuck_after_signal": chaos.stuck_after_signal,
         "post_retries": chaos.post_retries,
         "non_json_log_lines": chaos.non_json_lines + calm.non_json_lines,
         "seconds_calm": round(calm.seconds, 1), "seconds_chaos": round(chaos.seconds, 1),
