@@ -388,3 +388,31 @@ async def test_an_interruption_inside_a_rungs_decisions_ends_as_if_it_never_happ
     done = await actions(clean)
     assert any(a == "prune" for _, _, a in done), done
     assert await actions(hurt) == done
+
+
+class FailingSink:
+    """A writer whose batch fails (what finding 1's poisoned batch did to the log pump)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def submit_lines(self, canon_name: str, lines: Any, source: str) -> Any:
+        self.calls += 1
+        raise asyncpg.DataError("date/time field value out of range")
+
+
+async def test_a_failed_write_never_stops_the_log_pump_and_loses_no_line(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    names = await make_race(conn, "r-pump", 1, first_exp=950)
+    backend = RecordingBackend("acc1")
+    backend.lines[names[0]] = ["step=10 BPB=3.0000", "step=20 BPB=2.9000"]
+    sink = FailingSink()
+    rec = Reconciler(pool, Settings(account="acc1"), _state(), {"acc1": backend}, sink)
+    rec.known[names[0]] = ("acc1", Status.RUNNING)
+    assert await rec.pump_once() == 0  # the write failed: nothing counted, nothing raised
+    assert sink.calls == 1 and rec.cursors.get(names[0]) is None
+    async with SampleWriter(pool, max_latency=0.01) as writer:
+        rec.sink = writer
+        assert await rec.pump_once() == 2  # the same lines again, from the same cursor
+    assert await conn.fetchval("SELECT count(*) FROM bpb_samples") == 2
