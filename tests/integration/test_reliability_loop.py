@@ -456,3 +456,27 @@ async def test_a_rung_decided_while_paused_is_decided_whole_on_resume(
     calm = await actions(races["r-calm"])
     assert any(rung == 2 and a == "prune" for _, rung, a in calm), calm
     assert await actions(races["r-paused"]) == calm
+
+
+async def test_a_database_blip_in_a_reconcile_pass_is_retried(pool: asyncpg.Pool) -> None:
+    """The chaos harness saw the reconcile task die of ``InternalClientError`` and of a
+    terminated session: a pass that meets one is tried again, the task lives on."""
+    state = _state()
+    rec = Reconciler(pool, Settings(account="acc1"), state, {"acc1": RecordingBackend("acc1")},
+                     None, interval=0.05)
+    calls = 0
+    errors = [asyncpg.InternalClientError("cannot switch to state 15"),
+              asyncpg.ConnectionDoesNotExistError("connection was closed")]
+
+    async def flaky() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if errors:
+            raise errors.pop(0)
+        state.request_stop()
+        return {}
+
+    rec.pass_once = flaky  # type: ignore[method-assign]
+    with anyio.fail_after(10):
+        await rec.run()
+    assert calls == 3
