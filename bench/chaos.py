@@ -83,9 +83,12 @@ class Outcome:
     lost: list[tuple[str, int]] = field(default_factory=list)
     events: Counter[str] = field(default_factory=Counter)
     mid_stage: int = 0  # events that came while their stage's decisions were still to come
+    unsettled_stages: int = 0  # stages whose rung was not decided within the time allowed
     restarts: int = 0
     crashes: int = 0  # a daemon that exited by itself, not after a session event
     term_exit_codes: Counter[int] = field(default_factory=Counter)
+    term_seconds: list[float] = field(default_factory=list)  # SIGTERM to exit
+    stuck_after_signal: int = 0  # not gone 30 s after a signal (then SIGKILLed)
     non_json_lines: int = 0
     posts: int = 0
     post_retries: int = 0
@@ -197,8 +200,16 @@ class Supervisor:
         if self.proc.poll() is not None:
             await self.check()
             return None
+        sent = time.monotonic()
         self.proc.send_signal(sig)
-        code = await asyncio.to_thread(self.proc.wait, 15)
+        try:
+            code = await asyncio.to_thread(self.proc.wait, 30)
+        except subprocess.TimeoutExpired:  # counted, then ended: the run goes on
+            self.outcome.stuck_after_signal += 1
+            self.proc.kill()
+            code = await asyncio.to_thread(self.proc.wait, 10)
+        if sig == signal.SIGTERM:
+            self.outcome.term_seconds.append(round(time.monotonic() - sent, 2))
         self.outcome.restarts += 1
         self.start()
         return code
@@ -235,25 +246,27 @@ async def post_stage(port: int, items: list[dict[str, Any]], outcome: Outcome) -
             raise RuntimeError(f"a recorded sample was refused: {item} {res}")
 
 
-async def settle(sup: Supervisor, conn: asyncpg.Connection, since: float,
-                 quiet: float = 1.0) -> None:
-    """Until the daemon leads, has ticked after ``since`` and no decision came for ``quiet`` s."""
+async def settle(sup: Supervisor, conn: asyncpg.Connection, rung: int, outcome: Outcome,
+                 quiet: float = 1.0, within: float = 90.0) -> None:
+    """Until every recorded trial still running has been decided at ``rung`` (the stage's
+    rung: the next stage may only come then, or both runs would not decide on the same data),
+    the pause flag is off and no decision came for ``quiet`` s. A stage that does not settle
+    within ``within`` s is counted (a decision the loop never made) and the run goes on."""
     last, stable_from = -1, time.monotonic()
-    async with httpx.AsyncClient() as client:
-        while True:
-            await sup.check()
-            n = await conn.fetchval("SELECT count(*) FROM gardener_decisions")
-            if n != last:
-                last, stable_from = n, time.monotonic()
-            ticked = False
-            try:
-                r = (await client.get(f"http://127.0.0.1:{sup.port}/readyz", timeout=2)).json()
-                ticked = r.get("role") == "leader" and (r.get("last_tick_at") or 0) > since
-            except (httpx.HTTPError, ValueError):
-                pass
-            if ticked and time.monotonic() - stable_from >= quiet:
-                return
-            await asyncio.sleep(0.1)
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        await sup.check()
+        n = await conn.fetchval("SELECT count(*) FROM gardener_decisions")
+        if n != last:
+            last, stable_from = n, time.monotonic()
+        behind = await conn.fetchval(
+            "SELECT count(*) FROM igla_race_trials WHERE parent IS NULL "
+            "AND desired_state = 'running' AND rung < $1", rung)
+        paused = await conn.fetchval("SELECT paused FROM gardener_control")
+        if not behind and not paused and time.monotonic() - stable_from >= quiet:
+            return
+        await asyncio.sleep(0.1)
+    outcome.unsettled_stages += 1
 
 
 async def fire(kind: str, sup: Supervisor, conn: asyncpg.Connection, rng: random.Random,
@@ -301,8 +314,7 @@ async def run_once(server_dsn: str, stream: list[Trial], plan: list[list[tuple[f
     try:
         sup.start()
         await sup.ready()
-        for items, events in zip(stages(stream), plan, strict=True):
-            posted_at = time.time()
+        for rung, (items, events) in enumerate(zip(stages(stream), plan, strict=True)):
             poster = asyncio.create_task(post_stage(sup.port, items, outcome))
             t0 = time.monotonic()
             counts_at_event: list[int] = []
@@ -312,11 +324,11 @@ async def run_once(server_dsn: str, stream: list[Trial], plan: list[list[tuple[f
                     await conn.fetchval("SELECT count(*) FROM gardener_decisions"))
                 await fire(kind, sup, conn, rng, outcome)
             await poster
-            await settle(sup, conn, posted_at)
+            await settle(sup, conn, rung, outcome)
             # An event came before its stage had settled if decisions were still to come.
             final = await conn.fetchval("SELECT count(*) FROM gardener_decisions")
             outcome.mid_stage += sum(1 for n in counts_at_event if n < final)
-        await settle(sup, conn, time.time(), quiet=2.0)
+        await settle(sup, conn, len(RUNGS) - 1, outcome, quiet=2.0)
     finally:
         sup.stop()
         outcome.seconds = time.monotonic() - started
@@ -332,7 +344,10 @@ async def run_once(server_dsn: str, stream: list[Trial], plan: list[list[tuple[f
         outcome.lost = [k for k, v in outcome.answered.items() if stored.get(k) != v]
     finally:
         await conn.close()
-        await drop_database(server_dsn, dsn)
+        if os.environ.get("GARDENER_CHAOS_KEEP_DB"):
+            print(f"kept {label}: {dsn}", file=sys.stderr)
+        else:
+            await drop_database(server_dsn, dsn)
     for log in sup.logs:
         for line in log.read_text(errors="replace").splitlines():
             try:
@@ -358,6 +373,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     counts = {"kill": args.kills, "term": args.terms, "pause": args.pauses,
               "session": args.sessions}
     plan = make_plan(rng, counts, len(RUNGS), args.spread)
+    if os.environ.get("GARDENER_CHAOS_PLAN"):  # a fixed plan, to replay one case by hand
+        plan = [[(float(t), str(k)) for t, k in stage]
+                for stage in json.loads(os.environ["GARDENER_CHAOS_PLAN"])]
     work = Path(args.workdir or f"/tmp/gardener-chaos-{uuid.uuid4().hex[:6]}")
     calm = await run_once(args.dsn, stream, [[] for _ in RUNGS], work / "calm", "calm", 0)
     chaos = await run_once(args.dsn, stream, plan, work / "chaos", "chaos", args.seed)
@@ -373,10 +391,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "same_decisions": not missing and not extra,
         "missing_in_chaos": missing[:20], "extra_in_chaos": extra[:20],
         "duplicate_keys": chaos.duplicate_keys + calm.duplicate_keys,
+        "unsettled_stages": chaos.unsettled_stages + calm.unsettled_stages,
         "held_rows_chaos": chaos.held_rows,
         "answered_200": len(chaos.answered), "lost_samples": len(chaos.lost),
         "restarts": chaos.restarts, "crashes": chaos.crashes,
         "term_exit_codes": {str(k): v for k, v in chaos.term_exit_codes.items()},
+        "term_seconds_max": max(chaos.term_seconds, default=None),
+        "terms_over_10_s": sum(1 for t in chaos.term_seconds if t > 10),
+        "stuck_after_signal": chaos.stuck_after_signal,
         "post_retries": chaos.post_retries,
         "non_json_log_lines": chaos.non_json_lines + calm.non_json_lines,
         "seconds_calm": round(calm.seconds, 1), "seconds_chaos": round(chaos.seconds, 1),

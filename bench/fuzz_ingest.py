@@ -320,9 +320,6 @@ async def fuzz_log_path(dsn: str, fuzzer: Fuzzer, names: list[str], n: int,
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from gardener import logs
-
-    logs.configure("json", "warning", stream=sys.stderr)
     rng = random.Random(args.seed)
     dsn, names = await setup(args.dsn)
     fuzzer = Fuzzer(rng, names)
@@ -395,6 +392,9 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=10_000, help="fuzzed trainer-output lines")
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
+    from gardener import logs
+
+    logs.configure("json", "warning", stream=sys.stderr)  # the in-process log path's events
     print(json.dumps(asyncio.run(main_async(args)), indent=1))
 
 

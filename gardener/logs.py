@@ -136,6 +136,12 @@ def _route_stdlib(stream: Any, shared: list[Any], exc_step: Any, renderer: Any,
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio"):
+        # Whatever configured these before (uvicorn's own defaults print plain text to
+        # stderr), their records go to the root's one renderer.
+        named = logging.getLogger(name)
+        named.handlers.clear()
+        named.propagate = True
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_thread_uncaught
 

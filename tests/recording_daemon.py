@@ -1,7 +1,8 @@
 """``python -m tests.recording_daemon DSN CALLS_FILE [DELAY] [RECONCILE_INTERVAL]``: the real
 daemon (HTTP included, settings from the environment) on an in-memory platform that appends
 every mutating call to ``CALLS_FILE`` as a JSON line with its wall-clock start and pid, so a
-test can tell which process called the platform when.
+test can tell which process called the platform when. The services themselves are kept in
+``CALLS_FILE.services.json``: like a real platform's, they outlive a daemon that is killed.
 
 With ``GARDENER_TEST_RESTLESS=1`` every service is seen stopped again at each observe, so
 the reconciler calls ``ensure`` on every pass: a steady stream of platform calls.
@@ -32,7 +33,19 @@ class RecordingBackend:
         self.calls = calls
         self.delay = delay
         self.restless = os.environ.get("GARDENER_TEST_RESTLESS") == "1"
-        self.services: dict[str, Status] = {}
+        # The platform outlives the daemon (as Railway's services do): kept in a file.
+        self.state = calls + ".services.json"
+        try:
+            with open(self.state) as fh:
+                self.services = {n: Status(s) for n, s in json.load(fh).items()}
+        except FileNotFoundError:
+            self.services = {}
+
+    def _save(self) -> None:
+        tmp = self.state + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({n: s.value for n, s in self.services.items()}, fh)
+        os.replace(tmp, self.state)
 
     def _record(self, verb: str, name: str) -> None:
         with open(self.calls, "a") as fh:
@@ -47,17 +60,21 @@ class RecordingBackend:
         self._record("ensure", spec.canon_name)
         await asyncio.sleep(self.delay)
         self.services[spec.canon_name] = Status.RUNNING
+        self._save()
         return EnsureOutcome.CREATED
 
     async def stop(self, name: str, *, account: str | None = None) -> bool:
         self._record("stop", name)
         await asyncio.sleep(self.delay)
         self.services[name] = Status.STOPPED
+        self._save()
         return True
 
     async def remove(self, name: str, *, account: str | None = None) -> bool:
         self._record("remove", name)
-        return self.services.pop(name, None) is not None
+        gone = self.services.pop(name, None) is not None
+        self._save()
+        return gone
 
     async def tail(self, name: str, cursor: str | None = None) -> list[LogLine]:
         return []

@@ -1,4 +1,4 @@
-"""Apply the core's decisions to the ledger: all of one decide at once, exactly once.
+"""Apply the core's decisions to the ledger: one transaction per trial and rung, exactly once.
 
 Each decision's transaction holds everything it changes: the audit row in
 ``gardener_decisions``, the desired state, the trial's rung / seed state / fit columns, and
@@ -6,12 +6,10 @@ for mirrors and replacements the new trials with their EXP_IDs and seeds. The na
 (canon name, rung, action) has a unique index, so the audit insert (last, ``ON CONFLICT DO
 NOTHING``) decides: if the row already exists, this transaction is rolled back and the
 decision counts as applied before; a process killed between any two statements leaves
-either all of a decision or none of it. Decisions that belong together are applied by
-``apply_group``, each as a savepoint of one transaction: the loop passes all of one race's
-decide (a rung's ranking is one outcome: half of it written, the rest would be re-decided
-on a cohort that no longer includes the trials already moved on), so a crash, SIGTERM or
-pause never leaves a leader's MIRROR without its PROMOTE or a rung's KEEPs without its
-PRUNEs.
+either all of a decision or none of it. The decisions of one trial at one rung (a leader's
+MIRROR and PROMOTE) are applied together by ``apply_group``, each as a savepoint of one
+transaction, so a crash, SIGTERM or pause never leaves one of them written and the other
+lost.
 
 The changes mirror ``gardener.core.decide.apply_to_snapshot`` exactly: HOLD changes nothing
 but its own audit row (logged once per key, ``applied = false``); TRIPWIRE records the event;
@@ -273,8 +271,8 @@ async def apply_group(
     backend: str = "local",
     fence: Fence | None = None,
 ) -> list[Applied]:
-    """Apply decisions in one transaction, in order: all or none of them (the loop passes
-    one decide's decisions of a race; ``apply_decisions`` one trial's at one rung). ``fence``
+    """Apply decisions in one transaction, in order: all or none of them (the loop and
+    ``apply_decisions`` pass one trial's decisions at one rung). ``fence``
     runs first inside it (the daemon's leadership check), so a process that is no longer the
     leader commits nothing. The trial rows are locked first, in name order, as the ingest
     writer locks them, so the two never deadlock."""

@@ -169,10 +169,10 @@ class Leadership:
             return False
         if self.pool is None:
             return True
-        try:
-            with anyio.fail_after(min(2.0, self.ttl / 4)):
-                async with self.pool.acquire() as conn:
-                    current = await conn.fetchval("SELECT epoch FROM gardener_leader")
+        wait = min(2.0, self.ttl / 4)
+        try:  # asyncpg's own timeouts: a cancelled query would leave the connection busy
+            async with self.pool.acquire(timeout=wait) as conn:
+                current = await conn.fetchval("SELECT epoch FROM gardener_leader", timeout=wait)
         except _DB_ERRORS:
             metrics.FENCED.labels("platform").inc()
             return False

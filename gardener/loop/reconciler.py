@@ -178,10 +178,19 @@ class Reconciler:
         """Reconcile every ``interval`` and whenever the desired state changed, but not more
         than one pass in ``PASS_SPACING`` times the last one's duration: a pass reads the
         whole fleet, and with thousands of trials a decision that stops one lands every
-        second (a few milliseconds apart at a hundred trials, a few seconds at ten thousand)."""
+        second (a few milliseconds apart at a hundred trials, a few seconds at ten thousand).
+        A database blip (a lost connection, a client error) is waited out, not fatal."""
         while not self.state.stop.is_set():
             started = time.perf_counter()
-            await self.pass_once()
+            try:
+                await self.pass_once()
+            except TRANSIENT_DB_ERRORS as exc:
+                metrics.DB_BLIPS.inc()
+                log.warning("reconcile_db_blip", error=str(exc) or type(exc).__name__,
+                            error_type=type(exc).__name__)
+                with anyio.move_on_after(1.0):
+                    await self.state.stop.wait()
+                continue
             rest = min(self.interval, PASS_SPACING * (time.perf_counter() - started))
             with anyio.move_on_after(rest):
                 await self.state.stop.wait()
@@ -343,7 +352,12 @@ class Reconciler:
         if self.sink is None:
             return
         while not self.state.stop.is_set():
-            await self.pump_once(respect_backoff=True)
+            try:
+                await self.pump_once(respect_backoff=True)
+            except TRANSIENT_DB_ERRORS as exc:  # the cursors' table: tried again next round
+                metrics.DB_BLIPS.inc()
+                log.warning("pump_db_blip", error=str(exc) or type(exc).__name__,
+                            error_type=type(exc).__name__)
             with anyio.move_on_after(self.log_interval):
                 await self.state.stop.wait()
 

@@ -42,7 +42,13 @@ from gardener.core.config import DecisionConfig
 from gardener.core.decide import decide
 from gardener.core.types import Action, Decision
 from gardener.ledger import control as ledger_control
-from gardener.ledger.apply import Applied, Outcome, action_key, apply_group
+from gardener.ledger.apply import (
+    Applied,
+    Outcome,
+    action_key,
+    apply_group,
+    group_by_trial_rung,
+)
 from gardener.ledger.queries import Queries
 from gardener.ledger.snapshot import (
     RaceInfo,
@@ -370,25 +376,25 @@ class Ticker:
         holding = False
         changed = False
         fence = self.state.fence if self.state is not None else None
-        # One decide's decisions commit together: a rung's ranking is one outcome (a crash, a
-        # stop or a pause between two of them would leave the rest to a decide that no longer
-        # sees the whole cohort), and a leader's MIRROR never goes without its PROMOTE.
-        if not decisions or self._stopping():
-            pass
-        elif any(d.mutates for d in decisions) and self._paused_now(paused):
-            holding = True  # paused after the snapshot: it comes back as HOLD next tick
-        else:
+        # One trial's decisions at one rung commit together (a stop or a pause never falls
+        # between a leader's MIRROR and its PROMOTE).
+        for group in group_by_trial_rung(decisions):
+            if self._stopping():
+                break
+            if any(d.mutates for d in group) and self._paused_now(paused):
+                holding = True  # paused after the snapshot: it comes back as HOLD next tick
+                continue
             with anyio.CancelScope(shield=True):  # a started transaction is finished
                 results = await apply_group(
                     conn,
                     race.name,
                     race.account,
-                    decisions,
+                    group,
                     decided_by=self.decided_by,
                     backend=self.backend,
                     fence=fence,
                 )
-            for d, result in zip(decisions, results, strict=True):
+            for d, result in zip(group, results, strict=True):
                 holding |= d.action is Action.HOLD
                 changed |= result.changed_desired_state
                 self._record(race, result, report)

@@ -30,7 +30,7 @@ async def test_a_race_under_chaos_ends_with_the_uninterrupted_runs_decisions(
     assert out["events"] == {"kill": 3, "term": 2, "pause": 2, "session": 1}, out
     assert out["same_decisions"], (out["missing_in_chaos"], out["extra_in_chaos"])
     assert out["decisions_calm"] >= 20
-    assert out["duplicate_keys"] == 0
+    assert out["duplicate_keys"] == 0 and out["unsettled_stages"] == 0
     assert out["answered_200"] == out["samples"] and out["lost_samples"] == 0
     assert out["crashes"] == 0 and out["term_exit_codes"] == {"0": 2}
     assert out["non_json_log_lines"] == 0

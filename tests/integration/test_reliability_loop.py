@@ -17,6 +17,8 @@ import pytest
 import structlog
 from prometheus_client import REGISTRY
 
+from bench.chaos import RUNGS as CHAOS_RUNGS
+from bench.chaos import recorded_trials
 from gardener import logs
 from gardener.backends.base import (
     EnsureOutcome,
@@ -26,9 +28,11 @@ from gardener.backends.base import (
     ServiceState,
     Status,
 )
+from gardener.core import canon
 from gardener.core.types import Action
 from gardener.ingest.writer import SampleWriter
-from gardener.ledger import trials
+from gardener.ledger import apply as apply_mod
+from gardener.ledger import control, trials
 from gardener.ledger.apply import apply_group
 from gardener.loop.control import LoopState
 from gardener.loop.daemon import tick_loop
@@ -328,16 +332,10 @@ async def test_an_interruption_inside_a_rungs_decisions_ends_as_if_it_never_happ
     pool: asyncpg.Pool, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
     interruption: str,
 ) -> None:
-    """Two identical races; in one, the loop is paused (or loses its connection) right after
-    the first decision of a rung, then restarts. It must end with the same actions as the
-    other: the chaos harness found a rung's KEEPs committed without its PRUNE (paused in
-    between), which no later decide made again."""
-    from gardener.ledger import apply as apply_mod
-
-    from bench.chaos import RUNGS as CHAOS_RUNGS
-    from bench.chaos import recorded_trials
-    from gardener.core import canon
-
+    """Two identical races on the chaos harness's recorded curves; in one, the loop is
+    paused (or loses its connection) right after the first decision of a rung, then
+    restarts. It must end with the same actions as the other (a regression guard: the
+    decide re-derives a rung from a partly applied one)."""
     stream = recorded_trials(16)
     races: dict[str, list[str]] = {}
     for k, race in enumerate(("r-clean", "r-hurt")):
@@ -360,7 +358,8 @@ async def test_an_interruption_inside_a_rungs_decisions_ends_as_if_it_never_happ
         state = _state()
         seen = 0
 
-        async def interrupt(c: asyncpg.Connection, race: str, *a: Any, **k: Any) -> Any:
+        async def interrupt(c: asyncpg.Connection, race: str, *a: Any,
+                            state: LoopState = state, **k: Any) -> Any:
             nonlocal seen
             if race == "r-hurt":
                 seen += 1
@@ -388,3 +387,96 @@ async def test_an_interruption_inside_a_rungs_decisions_ends_as_if_it_never_happ
     done = await actions(clean)
     assert any(a == "prune" for _, _, a in done), done
     assert await actions(hurt) == done
+
+
+class FailingSink:
+    """A writer whose batch fails (what finding 1's poisoned batch did to the log pump)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def submit_lines(self, canon_name: str, lines: Any, source: str) -> Any:
+        self.calls += 1
+        raise asyncpg.DataError("date/time field value out of range")
+
+
+async def test_a_failed_write_never_stops_the_log_pump_and_loses_no_line(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    names = await make_race(conn, "r-pump", 1, first_exp=950)
+    backend = RecordingBackend("acc1")
+    backend.lines[names[0]] = ["step=10 BPB=3.0000", "step=20 BPB=2.9000"]
+    sink = FailingSink()
+    rec = Reconciler(pool, Settings(account="acc1"), _state(), {"acc1": backend}, sink)
+    rec.known[names[0]] = ("acc1", Status.RUNNING)
+    assert await rec.pump_once() == 0  # the write failed: nothing counted, nothing raised
+    assert sink.calls == 1 and rec.cursors.get(names[0]) is None
+    async with SampleWriter(pool, max_latency=0.01) as writer:
+        rec.sink = writer
+        assert await rec.pump_once() == 2  # the same lines again, from the same cursor
+    assert await conn.fetchval("SELECT count(*) FROM bpb_samples") == 2
+
+
+async def test_a_rung_decided_while_paused_is_decided_whole_on_resume(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Two identical races on the recorded curves, one decided through a pause at rung 2
+    (its KEEPs written, its PRUNE held): after the resume both end with the same actions
+    (a regression guard for the pause path the chaos harness exercises)."""
+    stream = recorded_trials(16)
+    races: dict[str, list[str]] = {}
+    for k, race in enumerate(("r-calm", "r-paused")):
+        await trials.ensure_race(conn, race, "acc1", horizon=CHAOS_RUNGS[-1],
+                                 config={"rungs": CHAOS_RUNGS})
+        races[race] = await trials.admit(conn, race, "acc1", [
+            trials.Admission(canon.CanonName("HYBRID", "FP32", ("WSD",), 5000 + 100 * k + i,
+                                             5000 + 100 * k + i), steps=CHAOS_RUNGS[-1])
+            for i in range(len(stream))
+        ])
+    settings = Settings(account="acc1", poll_interval=0.2)
+    low = 0
+    for stage, upto in enumerate(CHAOS_RUNGS[:4]):
+        for race in ("r-calm", "r-paused"):
+            for name, t in zip(races[race], stream, strict=True):
+                await add_samples(conn, name, [(st, b) for st, b in t.curve if low < st <= upto])
+            if race == "r-paused" and stage == 2:  # rung 2 is decided while paused
+                await control.set_paused(conn, True, "chaos", "pytest")
+                report = await Ticker(pool, settings, state=_state(), account="acc1").tick()
+                assert report.held > 0
+                await control.set_paused(conn, False, None, "pytest")
+            await Ticker(pool, settings, state=_state(), account="acc1").tick()
+        low = upto
+
+    async def actions(names: list[str]) -> list[tuple[int, int, str]]:
+        rows = await conn.fetch(
+            "SELECT canon_name, rung, action FROM gardener_decisions WHERE applied "
+            "AND canon_name = ANY($1::text[])", names)
+        return sorted((names.index(r["canon_name"]), r["rung"], r["action"]) for r in rows)
+
+    calm = await actions(races["r-calm"])
+    assert any(rung == 2 and a == "prune" for _, rung, a in calm), calm
+    assert await actions(races["r-paused"]) == calm
+
+
+async def test_a_database_blip_in_a_reconcile_pass_is_retried(pool: asyncpg.Pool) -> None:
+    """The chaos harness saw the reconcile task die of ``InternalClientError`` and of a
+    terminated session: a pass that meets one is tried again, the task lives on."""
+    state = _state()
+    rec = Reconciler(pool, Settings(account="acc1"), state, {"acc1": RecordingBackend("acc1")},
+                     None, interval=0.05)
+    calls = 0
+    errors = [asyncpg.InternalClientError("cannot switch to state 15"),
+              asyncpg.ConnectionDoesNotExistError("connection was closed")]
+
+    async def flaky() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if errors:
+            raise errors.pop(0)
+        state.request_stop()
+        return {}
+
+    rec.pass_once = flaky  # type: ignore[method-assign]
+    with anyio.fail_after(10):
+        await rec.run()
+    assert calls == 3
