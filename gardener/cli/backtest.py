@@ -12,9 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from gardener.cli.common import AccountOpt, account_filter
-from gardener.core.config import DecisionConfig, Policy
+from gardener.core.config import METRICS, DecisionConfig, Policy
 from gardener.errors import UserError
-from gardener.race.backtest import BASELINES, dominated_by, load_curves, run_backtest
+from gardener.race.backtest import (
+    BASELINES,
+    SWEEP_LEVELS,
+    dominated_by,
+    load_curves,
+    run_backtest,
+)
 
 console = Console()
 
@@ -44,6 +50,21 @@ def backtest_cmd(
         int | None,
         typer.Option(help="Runs started per race; the rest is the pool spawns draw from."),
     ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="What the values are: bpb (BPB-only tripwires and gate apply) or loss "
+            "(any lower-is-better metric; every threshold relative to the race's own scale)."
+        ),
+    ] = "bpb",
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            "--sweep",
+            help="Also replay the gardener at several settings of its risk knob and add the "
+            "trade-off as \"frontier\" to the JSON.",
+        ),
+    ] = False,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the full report as JSON here.")
     ] = None,
@@ -62,7 +83,9 @@ def backtest_cmd(
         raise UserError("--rung-fractions must lie in (0, 1]")
     if initial is not None and initial < 1:
         raise UserError("--initial must be at least 1")
-    config = DecisionConfig()
+    if metric not in METRICS:
+        raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    config = DecisionConfig(metric=metric)
     if rung_steps:
         try:
             config = config.with_rungs(tuple(int(x) for x in rung_steps))
@@ -76,6 +99,7 @@ def backtest_cmd(
         rungs=config.rungs,
         rung_fractions=fractions,
         initial=initial,
+        sweep=SWEEP_LEVELS if sweep else None,
     )
     table = Table(title=f"backtest of {curves.name}: {report['summary'][names[0]]['races']} races")
     for col in ("method", "compute", "regret", "nregret", "top1", "dominated by"):
@@ -109,6 +133,28 @@ def backtest_cmd(
                 f"{p['mae_last_value']:.4f}",
             )
         console.print(pt)
+    quiet = [
+        (r["race"], m, r["methods"][m]["no_prune"])
+        for r in report["races"]
+        for m in names
+        if r["methods"][m].get("no_prune")
+    ]
+    if quiet:
+        nt = Table(title="races where a policy pruned nothing, and why")
+        for col in ("race", "policy", "why"):
+            nt.add_column(col)
+        for race, m, why in quiet:
+            nt.add_row(race, m, why)
+        console.print(nt)
+    if report.get("frontier"):
+        ft = Table(title="gardener frontier (--sweep): the risk knob")
+        for col in ("knob", "compute", "nregret", "top1"):
+            ft.add_column(col, justify="right")
+        for f in report["frontier"]:
+            ft.add_row(
+                f"{f['knob']:g}", f"{f['compute']:.3f}", f"{f['nregret']:.3f}", f"{f['top1']:.2f}"
+            )
+        console.print(ft)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         console.print(f"report written to {json_out}")

@@ -25,8 +25,14 @@ STALL_TIMEOUT_S = 30 * 60.0  # a running trial silent this long is stalled
 DUPLICATE_MIN_POINTS = 5  # bit-identical curves shorter than this are not called duplicates
 GF16_MIN_HIDDEN = 256  # L-R9
 
-# The gardener policy's prune test: one-sided confidence that a trial ends worse.
+# The gardener policy's prune test: one-sided confidence that a trial ends worse than the
+# rung's cut (the one risk knob), and the share of a cohort a rung keeps at least (1/eta).
 PRUNE_LEVEL = 0.90
+REDUCTION_FACTOR = 3.0
+
+# What a race's values are: ``bpb`` turns on the BPB-only tripwires (architectural floor,
+# leak, the GF16 format rule) and the plan's gate; ``loss`` is any lower-is-better metric.
+METRICS = ("bpb", "loss")
 
 # Spawning.
 MIRROR_COUNT = 3  # sibling seeds started for a promoted leader
@@ -41,7 +47,7 @@ GATE_QUORUM = 3
 
 class Policy(StrEnum):
     SEED = "seed"  # the plan's literal rules: rank by power-law prediction, prune to quota
-    GARDENER = "gardener"  # robust paired ranking, prune only the confidently worse, cap by quota
+    GARDENER = "gardener"  # keep ~1/eta at each rung, prune only the clearly worse (noise-aware)
 
 
 class RungRule(StrEnum):
@@ -111,6 +117,17 @@ class DecisionConfig:
     # races and checked on the other half and on other curves (docs/backtest.md); 0.80 loses
     # the best run.
     prune_level: float = PRUNE_LEVEL
+    reduction_factor: float = REDUCTION_FACTOR
+    # None: the shipped prior of the cohort's reshuffling (core/promotion.py); a number
+    # replaces it (the backtest's held-out checks measure it on other races).
+    reshuffle_prior: float | None = None
+    reshuffle_gain: float = 0.0
+    trend_weight: float = 0.0
+    metric: str = "bpb"
+    # Record each rung decision's power-law fit in its numbers (the ledger keeps them). The
+    # gardener ranks on observed levels, so its decisions are the same either way; the
+    # backtest turns it off for speed. Policy ``seed`` always fits (it ranks on the fit).
+    record_fits: bool = True
     # The gardener's score: the mean of the samples in the last ``recent_fraction`` of the
     # steps seen at a rung (at least ``recent_min_points``), paired with the reference.
     recent_fraction: float = 0.25
@@ -123,10 +140,21 @@ class DecisionConfig:
             object.__setattr__(self, "rung_rules", rules_for(len(self.rungs)))
         if len(self.rung_rules) != len(self.rungs):
             raise ValueError("rung_rules must have one rule per rung")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric {self.metric!r} not one of {METRICS}")
+        if not self.reduction_factor > 1.0:
+            raise ValueError(f"reduction_factor {self.reduction_factor} must be above 1")
+        if self.reshuffle_prior is not None and not self.reshuffle_prior >= 0:
+            raise ValueError(f"reshuffle_prior {self.reshuffle_prior} must be at least 0")
         for name in ("level", "prune_level"):
             value = getattr(self, name)
             if not 0.5 <= value < 1.0:
                 raise ValueError(f"{name} {value} outside [0.5, 1)")
+
+    @property
+    def is_bpb(self) -> bool:
+        """Whether the BPB-only rules apply (floor, leak, GF16 format, gate 2)."""
+        return self.metric == "bpb"
 
     def with_rungs(self, rungs: tuple[int, ...]) -> DecisionConfig:
         """The same config on another ladder, with the plan's rules fitted to its length."""

@@ -229,6 +229,35 @@ def _no_fit(reason: str, n: int = 0, dropped: int = 0, level: float = 0.95) -> P
 
 
 # ----------------------------------------------------------------------------------------------
+# Sanity of a point prediction
+
+
+def insane_prediction(values: npt.ArrayLike, predicted: float) -> str | None:
+    """Why a power-law point prediction is not to be used, or None when it is plausible.
+
+    A lower-is-better metric of a training curve is never below zero, and an extrapolation
+    that promises more further improvement than the whole range the curve has shown so far
+    (below ``best - (worst - best)``) is the fit running off, not evidence: the policy then
+    ranks on observed levels instead. Scale-free: both limits come from the curve itself.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not np.isfinite(predicted):
+        return "no fit: the prediction is not finite"
+    if len(v) == 0:
+        return "no fit: no finite values"
+    best, worst = float(v.min()), float(v.max())
+    if predicted < 0 <= best:
+        return f"no fit: prediction {predicted:.4g} below zero"
+    if predicted < best - (worst - best):
+        return (
+            f"no fit: prediction {predicted:.4g} far below the curve's best {best:.4g} "
+            f"(more than its whole range {worst - best:.4g} further)"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry points
 
 

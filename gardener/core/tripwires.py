@@ -118,7 +118,10 @@ def clean_curve(steps: IntArray, bpb: FloatArray) -> CleanCurve:
 def check_trial(
     trial: TrialView, snapshot: Snapshot, config: DecisionConfig, curve: CleanCurve | None = None
 ) -> list[TripwireEvent]:
-    """Every per-trial tripwire: bad samples, step order, floor, leak, stall, corpus, L-R9."""
+    """Every per-trial tripwire: bad samples, step order, floor, leak, stall, corpus, L-R9.
+
+    The floor, the leak and the GF16 format rule are about BPB: they apply only when the
+    race's metric is ``bpb`` (any other lower-is-better metric has no such absolute scale)."""
     c = curve if curve is not None else clean_curve(trial.steps, trial.bpb)
     name = trial.canon_name
     out: list[TripwireEvent] = []
@@ -136,7 +139,7 @@ def check_trial(
         out.append(
             TripwireEvent(STEP_CONFLICT, name, {"kept_first": [list(b) for b in c.conflicts[:10]]})
         )
-    low = float(c.bpb.min()) if len(c.bpb) else math.inf
+    low = float(c.bpb.min()) if len(c.bpb) and config.is_bpb else math.inf
     if low < config.leak_bpb or low < config.architectural_floor_bpb:
         low_step = int(c.steps[int(np.argmin(c.bpb))])  # the first step at the lowest value
         if low < config.leak_bpb:
@@ -188,7 +191,7 @@ def check_trial(
                     {"expected_name": snapshot.expected_corpus, "reported_name": trial.corpus},
                 )
             )
-    if trial.format == "GF16" and (
+    if config.is_bpb and trial.format == "GF16" and (
         trial.hidden_size is None or trial.hidden_size < config.gf16_min_hidden
     ):
         out.append(

@@ -36,8 +36,9 @@ import numpy as np
 from gardener.core import fit as fitmod
 from gardener.core.config import DecisionConfig, Policy
 from gardener.core.decide import apply_to_snapshot, decide
-from gardener.core.rungs import prefix_at
+from gardener.core.rungs import prefix_at, rung_reached
 from gardener.core.types import (
+    Action,
     DesiredState,
     FloatArray,
     IntArray,
@@ -150,6 +151,8 @@ class Outcome:
     started: int
     pruned: int
     decisions: dict[str, int] = field(default_factory=dict)
+    why_kept: dict[str, int] = field(default_factory=dict)  # KEEP decisions by reason
+    tripwires: dict[str, int] = field(default_factory=dict)  # tripwires fired, by kind
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -161,6 +164,8 @@ class Outcome:
             "started": self.started,
             "pruned": self.pruned,
             "decisions": dict(self.decisions),
+            "why_kept": dict(self.why_kept),
+            "tripwires": dict(self.tripwires),
         }
 
 
@@ -304,8 +309,11 @@ def simulate(
         sims[run.name] = _SimTrial(run, 0, view)
     used = {variant: frozenset(taken)}
     counts: dict[str, int] = defaultdict(int)
+    why_kept: dict[str, int] = defaultdict(int)
+    tripwires: dict[str, int] = defaultdict(int)
     pruned = 0
     now = 0
+    since = 0  # samples that arrived since the last call of ``decide``
     for _ in range(max_ticks):
         nxt = [
             s.offset + int(s.run.steps[k])
@@ -315,6 +323,17 @@ def simulate(
         if not nxt:
             break
         now = min(nxt)
+        since += nxt.count(now)
+        # Like the daemon: decide at once when a trial crosses a rung, otherwise about once
+        # per round of evaluations (as many new samples as there are live trials).
+        live = [s for s in sims.values() if s.stopped_at is None]
+        crossed = any(
+            (k := s.visible(now)) and rung_reached(config, int(s.run.steps[k - 1])) > s.view.rung
+            for s in live
+        )
+        if not crossed and since < len(live):
+            continue
+        since = 0
         trials = []
         for s in sims.values():
             k = s.visible(now)
@@ -323,6 +342,12 @@ def simulate(
         decisions = decide(snap, config)
         for d in decisions:
             counts[d.action.value] += 1
+            if d.action is Action.KEEP and d.numbers.get("keep_why"):
+                why_kept[str(d.numbers["keep_why"])] += 1
+            elif d.action is Action.TRIPWIRE:
+                tripwires[str(d.numbers.get("kind"))] += 1
+            elif d.action is Action.HOLD:
+                why_kept["held"] += 1
         after = apply_to_snapshot(snap, decisions)
         used = dict(after.used_seeds)
         for t in after.trials:
@@ -351,7 +376,8 @@ def simulate(
             trained[s.run.name] = int(s.run.steps[k - 1]) if k else 0
             if k == len(s.run.steps):
                 finished.append(s.run.name)
-    return _outcome(race, trained, finished, pruned, counts)
+    out = _outcome(race, trained, finished, pruned, counts)
+    return replace(out, why_kept=dict(why_kept), tripwires=dict(tripwires))
 
 
 # -- prediction quality -----------------------------------------------------------------------
@@ -369,7 +395,7 @@ def prediction_rows(race: Race, rungs: Sequence[int], level: float = 0.95) -> li
                 continue
             f = fitmod.fit_power_law(s, v, level=level)
             pred = f.predict(run.final_step)
-            ok = f.ok and math.isfinite(pred.mean)
+            ok = f.ok and fitmod.insane_prediction(v, pred.mean) is None
             out.append(
                 {
                     "race": race.name,
@@ -408,6 +434,51 @@ def summarize_prediction(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # -- the whole backtest ------------------------------------------------------------------------
+SWEEP_LEVELS = (0.25, 0.4, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+
+def knob_config(base: DecisionConfig, knob: float) -> DecisionConfig:
+    """The gardener's one risk knob as a config: ``prune_level`` from 0.5 up (how sure a
+    prune must be); below 0.5 every trial below the cut goes and the cut deepens instead
+    (``reduction_factor`` grows as ``0.5 / knob``)."""
+    if knob >= 0.5:
+        return replace(base, prune_level=knob)
+    return replace(base, prune_level=0.5, reduction_factor=base.reduction_factor * 0.5 / knob)
+
+
+def why_nothing_pruned(out: Outcome, race: Race, rungs: Sequence[int]) -> str | None:
+    """Why a replay pruned nothing, in words (None when it pruned, or had one run)."""
+    if out.pruned or len(race.runs) < 2:
+        return None
+    parts = []
+    if out.tripwires:
+        kinds = ", ".join(f"{k} x{v}" for k, v in sorted(out.tripwires.items()))
+        parts.append(f"tripwires fired ({kinds})")
+    held = out.why_kept.get("held", 0)
+    if held:
+        parts.append(f"{held} decisions held by a tripwire")
+    below = [r for r in rungs if r < race.horizon]
+    if not below:
+        parts.append("no rung before the horizon")
+    enough = [r for r in race.runs if r.final_step >= min(below, default=race.horizon)]
+    if len(enough) < 2:
+        parts.append("fewer than two runs reach the first rung")
+    kept = {k: v for k, v in out.why_kept.items() if k != "held"}
+    if kept:
+        top = ", ".join(f"{k} x{v}" for k, v in sorted(kept.items(), key=lambda kv: -kv[1]))
+        parts.append(f"kept: {top}")
+    return "; ".join(parts) or "no trial reached a deciding rung"
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        k: float(np.mean([v[k] for v in rows])) if rows else None
+        for k in ("compute", "regret", "nregret", "top1")
+    }
+    out["races"] = len(rows)
+    return out
+
+
 def run_backtest(
     races: Sequence[Race],
     *,
@@ -417,12 +488,17 @@ def run_backtest(
     rung_fractions: Sequence[float] | None = None,
     initial: int | None = None,
     prediction: bool = True,
+    sweep: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Every policy and baseline on every race; the JSON-ready report."""
+    """Every policy and baseline on every race; the JSON-ready report. ``sweep``: the
+    gardener again at each of these knob values (``knob_config``), as ``frontier``."""
     base = config or DecisionConfig()
+    if Policy.GARDENER.value in policies or sweep:
+        base = replace(base, record_fits=False)  # its decisions never use the fit
     methods = [*policies, *BASELINES]
     race_rows: list[dict[str, Any]] = []
     pred_rows: list[dict[str, Any]] = []
+    sweep_rows: dict[float, list[dict[str, Any]]] = {k: [] for k in sweep or ()}
     for race in races:
         if rung_fractions:
             rs = rungs_for(race, rung_fractions)
@@ -440,27 +516,34 @@ def run_backtest(
         }
         for pol in policies:
             cfg = replace(base.with_rungs(tuple(rs)), policy=Policy(pol))
-            row["methods"][pol] = simulate(race, cfg, initial=initial).as_dict()
+            if pol == Policy.SEED.value:
+                cfg = replace(cfg, record_fits=True)
+            out = simulate(race, cfg, initial=initial)
+            row["methods"][pol] = out.as_dict() | {"no_prune": why_nothing_pruned(out, race, rs)}
         row["methods"]["full"] = full(race).as_dict()
         row["methods"]["halving"] = halving(race, rs).as_dict()
         row["methods"]["median"] = median_rule(race, rs).as_dict()
+        if len(race.runs) >= 2:
+            for knob in sweep_rows:
+                cfg = knob_config(replace(base.with_rungs(tuple(rs)), policy=Policy.GARDENER), knob)
+                sweep_rows[knob].append(simulate(race, cfg, initial=initial).as_dict())
         race_rows.append(row)
         if prediction:
             pred_rows.extend(prediction_rows(race, rs, base.level))
     scored = [r for r in race_rows if r["runs"] >= 2]
-    summary = {}
-    for m in methods:
-        vals = [r["methods"][m] for r in scored]
-        summary[m] = {
-            k: float(np.mean([v[k] for v in vals])) if vals else None
-            for k in ("compute", "regret", "nregret", "top1")
-        }
-        summary[m]["races"] = len(vals)
-    return {
+    summary = {m: _summary([r["methods"][m] for r in scored]) for m in methods}
+    report: dict[str, Any] = {
+        "metric": base.metric,
         "summary": summary,
         "races": race_rows,
         "prediction": summarize_prediction(pred_rows) if prediction else [],
     }
+    if sweep:
+        report["frontier"] = [
+            {"knob": k, **{m: v for m, v in _summary(rows).items() if m != "regret"}}
+            for k, rows in sweep_rows.items()
+        ]
+    return report
 
 
 def dominated_by(summary: dict[str, dict[str, Any]], method: str) -> list[str]:

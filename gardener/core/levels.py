@@ -1,0 +1,117 @@
+"""A trial's level at a step and how noisy its curve is, from its own samples only.
+
+Scale-free by construction: a level is in the units of the curve, its standard error comes from
+the curve's own jitter, and nothing assumes a value range (BPB near 3, a loss near 0.1) or a
+sampling pattern (every N steps, or irregular timed evaluations).
+
+- ``level_at``: the mean of the samples in the last ``recent_fraction`` of the steps up to a
+  boundary (at least ``min_points``, at most the samples up to the boundary): a local smoother
+  every trial of a cohort takes over the same span of steps, so a shared schedule shifts them
+  alike and leaves the ranking alone.
+- ``jitter``: the sample-to-sample noise, from the median absolute second difference (blind to
+  a locally linear trend, robust to a few spikes). ``var(second difference) = 6 sigma^2`` for
+  independent noise, and 1.4826 turns a median absolute deviation into a standard deviation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gardener.core.rungs import prefix_at
+from gardener.core.types import FloatArray, IntArray
+
+MAD_TO_SD = 1.4826  # a normal's standard deviation per median absolute deviation
+JITTER_POINTS = 32  # the jitter is read from at most the last 32 samples before the boundary
+
+
+@dataclass(frozen=True)
+class Level:
+    """A trial's smoothed value at a boundary, with the numbers behind it."""
+
+    value: float
+    se: float  # standard error of ``value`` from the curve's own jitter
+    jitter: float  # the curve's sample-to-sample noise (standard deviation)
+    points: int  # samples averaged
+    first_step: int
+    last_step: int
+
+
+def _median_rows(a: FloatArray, counts: IntArray) -> FloatArray:
+    """Row medians of ``a`` whose row ``i`` holds ``counts[i]`` values then padding (+inf)."""
+    srt = np.sort(a, axis=1)
+    rows = np.arange(len(a))
+    lo = srt[rows, (counts - 1) // 2]
+    hi = srt[rows, counts // 2]
+    out: FloatArray = (lo + hi) / 2
+    return out
+
+
+def _jitters(tails: list[FloatArray]) -> FloatArray:
+    """The jitter of each curve tail (at least 3 samples each), in one vectorised pass."""
+    width = max(len(t) for t in tails) - 2
+    d2 = np.full((len(tails), width), np.inf)
+    counts = np.array([len(t) - 2 for t in tails], dtype=np.int64)
+    for i, t in enumerate(tails):
+        d2[i, : len(t) - 2] = np.diff(t, 2)
+    med = _median_rows(d2, counts)
+    dev = np.abs(d2 - med[:, None])
+    dev[~np.isfinite(d2)] = np.inf
+    out: FloatArray = _median_rows(dev, counts) * (MAD_TO_SD / math.sqrt(6.0))
+    return out
+
+
+def jitter(values: FloatArray) -> float:
+    """Sample-to-sample noise of a curve (standard deviation); 0 with fewer than 3 samples."""
+    v = values[-JITTER_POINTS:]
+    if len(v) < 3:
+        return 0.0
+    d2 = np.diff(v, 2)
+    dev = np.abs(d2 - _median1(d2))
+    return _median1(dev) * MAD_TO_SD / math.sqrt(6.0)
+
+
+def _median1(a: FloatArray) -> float:
+    """The median of a short 1-D array (np.median without its per-call overhead)."""
+    n = len(a)
+    k = n // 2
+    part = np.partition(a, (k - 1, k) if n % 2 == 0 else k)
+    return float(part[k]) if n % 2 else float(part[k - 1] + part[k]) / 2
+
+
+def typical_jitter(curves: list[FloatArray]) -> float:
+    """The median jitter over curves (one vectorised pass; curves with < 3 samples skipped)."""
+    tails = [c[-JITTER_POINTS:] for c in curves if len(c) >= 3]
+    if not tails:
+        return 0.0
+    return float(np.median(_jitters(tails)))
+
+
+def level_at(
+    steps: IntArray,
+    values: FloatArray,
+    boundary: int,
+    *,
+    recent_fraction: float,
+    min_points: int,
+) -> Level | None:
+    """The smoothed value of a curve at ``boundary`` (None without a sample)."""
+    s, v = prefix_at(steps, values, boundary)
+    if len(s) == 0:
+        return None
+    lo = boundary * (1.0 - recent_fraction)
+    start = int(np.searchsorted(s, lo, side="left"))
+    start = min(start, max(0, len(s) - min_points))
+    win = v[start:]
+    sd = jitter(v)
+    m = len(win)
+    return Level(
+        value=float(np.mean(win)),
+        se=sd / math.sqrt(m),
+        jitter=sd,
+        points=m,
+        first_step=int(s[start]),
+        last_step=int(s[-1]),
+    )

@@ -1,0 +1,223 @@
+"""The per-call working state of ``decide``: cleaned curves, tripwires, the leader, the seeds,
+and cached levels, fits and states. Built once per call, thrown away after it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from gardener.core import fit as fitmod
+from gardener.core.config import DecisionConfig, Policy
+from gardener.core.levels import Level, _median1, level_at, typical_jitter
+from gardener.core.rungs import prefix_at, rung_reached
+from gardener.core.seeds import SeedPicker
+from gardener.core.states import StateReading, classify
+from gardener.core.tripwires import QUARANTINE_KINDS, CleanCurve, check_snapshot, clean_curve
+from gardener.core.types import (
+    DesiredState,
+    FloatArray,
+    IntArray,
+    SeedState,
+    Snapshot,
+    TrialView,
+    TripwireEvent,
+)
+
+# The gardener's seed-state thresholds in units of the race's jitter (the plan's are in BPB):
+# a tie within 2 jitters, parallel-losing beyond 20, and DIVERGING when the gap to the leader
+# grows by more than 10 jitters over the slope window *and* the trial's own curve rises by
+# more than 4 (a run that merely improves slower than the leader is not diverging).
+TIE_JITTERS = 2.0
+PARALLEL_JITTERS = 20.0
+DIVERGING_JITTERS = 10.0
+RISING_JITTERS = 4.0
+
+
+def num(x: float | None) -> float | None:
+    """A JSON-safe float: NaN and infinities become None."""
+    if x is None:
+        return None
+    xf = float(x)
+    return xf if math.isfinite(xf) else None
+
+
+@dataclass(frozen=True)
+class Curve:
+    trial: TrialView
+    steps: IntArray
+    values: FloatArray
+    reached: int
+
+    @property
+    def name(self) -> str:
+        return self.trial.canon_name
+
+    @property
+    def alive(self) -> bool:
+        return self.trial.desired_state is DesiredState.RUNNING
+
+
+def fit_numbers(s: IntArray, v: FloatArray, horizon: int, level: float) -> dict[str, Any]:
+    """The power-law fit of a prefix and its prediction at the horizon, JSON-ready."""
+    return fit_result_numbers(fitmod.fit_power_law(s, v, level=level), v, horizon)
+
+
+def fit_result_numbers(f: fitmod.PowerLawFit, v: FloatArray, horizon: int) -> dict[str, Any]:
+    """A fit and its prediction at the horizon, JSON-ready; an implausible prediction
+    (``fit.insane_prediction``) turns the fit into a no-fit with the reason."""
+    out: dict[str, Any] = {"ok": f.ok, "reason": f.reason, "n": f.n}
+    if f.ok:
+        pred = f.predict(horizon)
+        out.update(
+            bpb_inf=num(f.bpb_inf),
+            a=num(f.a),
+            p=num(f.p),
+            bpb_inf_ci=[num(f.bpb_inf_ci.low), num(f.bpb_inf_ci.high)],
+            sigma=num(f.sigma),
+            horizon=horizon,
+            predicted=num(pred.mean),
+            pi=[num(pred.pi.low), num(pred.pi.high)],
+        )
+        why = fitmod.insane_prediction(v, pred.mean)
+        if why is not None:
+            out.update(ok=False, reason=why, predicted=None)
+    return out
+
+
+class RaceView:
+    """Curves of one snapshot as ``decide`` sees them, with the caches of one call."""
+
+    def __init__(self, snapshot: Snapshot, config: DecisionConfig) -> None:
+        self.snap = snapshot
+        trials = sorted(snapshot.trials, key=lambda t: t.canon_name)
+        self.clean: dict[str, CleanCurve] = {
+            t.canon_name: clean_curve(np.asarray(t.steps), np.asarray(t.bpb)) for t in trials
+        }
+        self.events = check_snapshot(snapshot, config, self.clean)
+        reviewed = snapshot.reviewed_tripwires
+        self.active: list[TripwireEvent] = [
+            e for e in snapshot.open_tripwires if e.key not in reviewed
+        ] + self.events
+        quarantined = {e.canon_name for e in self.active if e.kind in QUARANTINE_KINDS}
+        self.curves: list[Curve] = []
+        for t in trials:
+            c = self.clean[t.canon_name]
+            if t.canon_name in quarantined or len(c.steps) == 0:
+                continue
+            self.curves.append(Curve(t, c.steps, c.bpb, rung_reached(config, int(c.steps[-1]))))
+        self.by_name = {c.name: c for c in self.curves}
+        self.unit = 0.0  # the race's typical jitter (set for the gardener policy)
+        self.cfg = self._state_config(config)
+        self.horizon = int(snapshot.horizon or config.rungs[-1])
+        self.picker = SeedPicker(snapshot.race, dict(snapshot.used_seeds))
+        for t in trials:
+            self.picker.reserve(t.variant, [t.seed])
+        self._levels: dict[tuple[str, int], Level | None] = {}
+        self._fits: dict[tuple[str, int], dict[str, Any]] = {}
+        self.leader = self._leader()
+
+    # -- scale ----------------------------------------------------------------------------
+    def _state_config(self, config: DecisionConfig) -> DecisionConfig:
+        """The plan's absolute BPB thresholds for ``seed``; for the gardener, thresholds in
+        units of the race's own jitter (the median over its curves)."""
+        if config.policy is Policy.SEED:
+            return config
+        # The race's typical jitter, from the live curves (the ones being compared).
+        unit = typical_jitter([c.values for c in self.curves if c.alive])
+        spacing = [_median1(np.diff(c.steps).astype(np.float64)) for c in self.curves if len(c.steps) >= 2]
+        span = (float(np.median(spacing)) if spacing else 1.0) * max(1, config.slope_window - 1)
+        self.unit = unit
+        return replace(
+            config,
+            tied_band=TIE_JITTERS * unit,
+            parallel_losing_delta=PARALLEL_JITTERS * unit,
+            diverging_slope=DIVERGING_JITTERS * unit / max(span, 1.0),
+        )
+
+    # -- levels and fits --------------------------------------------------------------------
+    def level(self, c: Curve, boundary: int) -> Level | None:
+        key = (c.name, boundary)
+        if key not in self._levels:
+            self._levels[key] = level_at(
+                c.steps,
+                c.values,
+                boundary,
+                recent_fraction=self.cfg.recent_fraction,
+                min_points=self.cfg.recent_min_points,
+            )
+        return self._levels[key]
+
+    def fit_all(self, curves: list[Curve], r: int) -> None:
+        """Fit the prefixes of ``curves`` at rung ``r`` in one batch (filling the cache)."""
+        todo = [c for c in curves if (c.name, r) not in self._fits]
+        if len(todo) < 2 or not self.cfg.record_fits:
+            return
+        pre = [prefix_at(c.steps, c.values, self.cfg.rungs[r]) for c in todo]
+        width = max(len(s) for s, _ in pre)
+        ts = np.full((len(todo), width), np.nan)
+        vs = np.full((len(todo), width), np.nan)
+        for i, (s, v) in enumerate(pre):
+            ts[i, : len(s)] = s
+            vs[i, : len(v)] = v
+        batch = fitmod.fit_many(ts, vs, [len(s) for s, _ in pre], level=self.cfg.level)
+        for i, c in enumerate(todo):
+            self._fits[(c.name, r)] = fit_result_numbers(
+                batch.fit(i), pre[i][1], self.horizon
+            )
+
+    def fit(self, c: Curve, r: int) -> dict[str, Any]:
+        key = (c.name, r)
+        if not self.cfg.record_fits and self.cfg.policy is not Policy.SEED:
+            return {"ok": False, "reason": "not fitted (record_fits off)", "n": len(c.steps)}
+        if key not in self._fits:
+            s, v = prefix_at(c.steps, c.values, self.cfg.rungs[r])
+            self._fits[key] = fit_numbers(s, v, self.horizon, self.cfg.level)
+        return self._fits[key]
+
+    # -- the leader and the states -----------------------------------------------------------
+    def _leader(self) -> Curve | None:
+        live = [c for c in self.curves if c.alive]
+        if not live:
+            return None
+        top = max(c.reached for c in live)
+        boundary = self.cfg.rungs[top] if top >= 0 else max(int(c.steps[-1]) for c in live)
+        at_top = [c for c in live if c.reached == top]
+
+        def key(c: Curve) -> tuple[float, str]:
+            lv = self.level(c, boundary)
+            return (lv.value if lv is not None else math.inf, c.name)
+
+        return min(at_top, key=key)
+
+    def state(self, c: Curve) -> StateReading:
+        lead = self.leader
+        if lead is None:
+            return StateReading(SeedState.UNKNOWN, None, None, 0)
+        return classify(
+            c.steps, c.values, lead.steps, lead.values, self.cfg, is_leader=c.name == lead.name
+        )
+
+    def rising(self, c: Curve) -> bool:
+        """The gardener's extra test for DIVERGING: the trial's own curve goes up clearly over
+        the slope window (always true for ``seed``, which keeps the plan's rule)."""
+        if self.cfg.policy is Policy.SEED:
+            return True
+        w = self.cfg.slope_window
+        s, v = c.steps[-w:], c.values[-w:]
+        if len(s) < w:
+            return False
+        slope = float(np.polyfit(s.astype(np.float64), v, 1)[0])
+        return slope * float(s[-1] - s[0]) > RISING_JITTERS * self.unit
+
+    def base_numbers(self, c: Curve, r: int, st: StateReading) -> dict[str, Any]:
+        return {
+            "policy": self.cfg.policy.value,
+            "metric": self.cfg.metric,
+            "step": int(c.steps[-1]),
+            "rung_step": self.cfg.rungs[r] if r >= 0 else None,
+            "leader": self.leader.name if self.leader else None,
+            **{k: (num(v) if isinstance(v, float) else v) for k, v in st.as_numbers().items()},
+        }
