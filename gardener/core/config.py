@@ -28,7 +28,7 @@ GF16_MIN_HIDDEN = 256  # L-R9
 # The gardener policy's prune test: one-sided confidence that a trial ends worse than the
 # rung's cut (the one risk knob), and the share of a cohort a rung keeps at least (1/eta).
 PRUNE_LEVEL = 0.90
-REDUCTION_FACTOR = 3.0
+REDUCTION_FACTOR = 4.0
 
 # What a race's values are: ``bpb`` turns on the BPB-only tripwires (architectural floor,
 # leak, the GF16 format rule) and the plan's gate; ``loss`` is any lower-is-better metric.
@@ -121,8 +121,6 @@ class DecisionConfig:
     # None: the shipped prior of the cohort's reshuffling (core/promotion.py); a number
     # replaces it (the backtest's held-out checks measure it on other races).
     reshuffle_prior: float | None = None
-    reshuffle_gain: float = 0.0
-    trend_weight: float = 0.0
     metric: str = "bpb"
     # Record each rung decision's power-law fit in its numbers (the ledger keeps them). The
     # gardener ranks on observed levels, so its decisions are the same either way; the

@@ -25,6 +25,7 @@ from gardener.core.types import FloatArray, IntArray
 
 MAD_TO_SD = 1.4826  # a normal's standard deviation per median absolute deviation
 JITTER_POINTS = 32  # the jitter is read from at most the last 32 samples before the boundary
+JITTER_MIN_POINTS = 6  # fewer samples tell nothing about the jitter (NaN: the cohort's is used)
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,10 @@ class Level:
     """A trial's smoothed value at a boundary, with the numbers behind it."""
 
     value: float
-    se: float  # standard error of ``value`` from the curve's own jitter
-    jitter: float  # the curve's sample-to-sample noise (standard deviation)
+    se: float  # standard error of ``value`` from the curve's own jitter (NaN: unknown)
+    jitter: float  # the curve's sample-to-sample noise (standard deviation; NaN: unknown)
     points: int  # samples averaged
+    step_change: float  # |last sample - the one before| (NaN with one sample): a noise floor
     first_step: int
     last_step: int
 
@@ -64,16 +66,19 @@ def _jitters(tails: list[FloatArray]) -> FloatArray:
 
 
 def jitter(values: FloatArray) -> float:
-    """Sample-to-sample noise of a curve (standard deviation); 0 with fewer than 3 samples."""
+    """Sample-to-sample noise of a curve (standard deviation); NaN with too few samples."""
     v = values[-JITTER_POINTS:]
-    if len(v) < 3:
-        return 0.0
+    if len(v) < JITTER_MIN_POINTS:
+        return math.nan
     d2 = np.diff(v, 2)
-    dev = np.abs(d2 - _median1(d2))
-    return _median1(dev) * MAD_TO_SD / math.sqrt(6.0)
+    dev = np.abs(d2 - median1(d2))
+    # A median absolute deviation of k values is itself uncertain (relative sd about
+    # 1.1/sqrt(k)): one such sd on top keeps a short curve from looking quieter than it is.
+    small = 1.0 + 1.1 / math.sqrt(len(d2))
+    return median1(dev) * MAD_TO_SD / math.sqrt(6.0) * small
 
 
-def _median1(a: FloatArray) -> float:
+def median1(a: FloatArray) -> float:
     """The median of a short 1-D array (np.median without its per-call overhead)."""
     n = len(a)
     k = n // 2
@@ -83,7 +88,7 @@ def _median1(a: FloatArray) -> float:
 
 def typical_jitter(curves: list[FloatArray]) -> float:
     """The median jitter over curves (one vectorised pass; curves with < 3 samples skipped)."""
-    tails = [c[-JITTER_POINTS:] for c in curves if len(c) >= 3]
+    tails = [c[-JITTER_POINTS:] for c in curves if len(c) >= JITTER_MIN_POINTS]
     if not tails:
         return 0.0
     return float(np.median(_jitters(tails)))
@@ -112,6 +117,7 @@ def level_at(
         se=sd / math.sqrt(m),
         jitter=sd,
         points=m,
+        step_change=float(abs(v[-1] - v[-2])) if len(v) >= 2 else math.nan,
         first_step=int(s[start]),
         last_step=int(s[-1]),
     )

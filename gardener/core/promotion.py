@@ -3,54 +3,57 @@
 At a rung, every trial that reached it has a smoothed level with a standard error from its own
 jitter (``levels``). Like successive halving (ASHA when trials arrive at different times) the
 rung keeps the best ``ceil(n / eta)``: ``n`` counts the trials that reached the rung and the
-live ones still on their way, so an early arrival is never judged against a half-empty cohort.
-Unlike successive halving, a trial below that cut is pruned only when its gap to the cut is
-clear: larger than ``z`` standard deviations of what the gap may still become by the horizon,
+live ones one rung behind, and the rung waits for those, so an early arrival is never judged
+against a half-empty cohort. Unlike successive halving, a trial below that cut is pruned only
+when its gap to the cut is clear: larger than ``z`` standard deviations of what the gap may
+still become by the horizon,
 
-    sd^2 = se_trial^2 + se_cut^2 + 2 * reshuffle * log(horizon / rung step),
+    sd^2 = se^2 (the two levels, or their difference where they share steps)
+           + 2 * RESHUFFLE_PRIOR * (1 - rung step / horizon)^2 * spread^2,
 
-where ``reshuffle`` is how fast this cohort's trials move against each other per unit of
-log-step (a random walk in log time): measured on the cohort itself between half the rung step
-and the rung step, from levels centred on the cohort's median (what every run shares cancels),
-less what the jitter alone explains; pooled with a prior for a cold start. ``z`` is the normal
-quantile of ``prune_level``, the one risk knob.
+``spread`` the robust standard deviation of the cohort's levels at the rung. The second term
+is the reshuffling still to come: on public curves (AlgoPerf config races, IGLA seed races)
+a trial's level, centred on its cohort, moves by about ``1.3 * (1 - f)^2`` spreads squared
+(variance) between the share ``f`` of the horizon and the end (bench/backtest_all.py measures
+it per data set and per half; docs/backtest.md). ``z`` is the normal quantile of
+``prune_level``, the one risk knob.
 
-So a seed race (spread comparable to the noise and the reshuffling) keeps nearly everyone,
-and a config race (variants far apart early) prunes down to the cut at once. Everything is in
-the race's own units: the prior is a ratio (reshuffling per log-step over the cohort's spread
-squared), so it carries from BPB to any loss.
+So a seed race (levels within the noise) keeps nearly everyone; a config race prunes the
+trials that stand clear of the pack at once, and cuts deeper as the horizon nears. Everything
+is in the race's own units (spread, jitter), so it carries from BPB to any loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import special
 
 from gardener.core.levels import MAD_TO_SD, Level
 
-# Reshuffling per unit of log-step over the cohort's spread squared, for a cold start. Measured
-# on public curves (bench/backtest_all.py, "reshuffle_prior"): the median over races of the
-# cohort's own estimate at the 20-50% rungs; leave-one-race-out and across data sets in
-# docs/backtest.md. Blended with the cohort's own estimate as PRIOR_WEIGHT pseudo-trials.
+# How far a trial's centred level moves from a rung to the horizon, as a variance over the
+# cohort's spread squared, at the start (it falls as (1 - f)^2). The median over AlgoPerf config
+# races is 1.15 at f = 0.1 and 0.73 at 0.2 (IGLA seed races: 2.4 and 1.3); measured per data set
+# and per half by bench/backtest_all.py ("reshuffle"), docs/backtest.md.
 RESHUFFLE_PRIOR = 1.3
-OCTAVE_PRIOR = 0.3  # typical movement over the octave before a rung, over the spread squared
-PRIOR_WEIGHT = 3.0
 MIN_MEMBERS = 3  # trials with a level at both ends before the cohort's own estimate counts
 
 
 @dataclass(frozen=True)
 class Reshuffle:
-    """How fast the cohort's trials move against each other, per unit of log-step."""
+    """How far the cohort's trials may still move against each other by the horizon."""
 
     rate: float  # variance of one trial's centred level from the rung to the horizon
-    measured: float | None  # the cohort's movement over the last octave (None: too few)
+    measured: float | None  # the cohort's movement over the octave before (None: too few)
     members: int
     spread: float  # robust standard deviation of the cohort's levels at the rung
     prior: float  # the prior rate in the cohort's units (RESHUFFLE_PRIOR * spread^2)
+
+
+FloatLike = list[float] | np.ndarray
 
 
 def robust_sd(x: FloatLike) -> float:
@@ -61,7 +64,6 @@ def robust_sd(x: FloatLike) -> float:
     return float(MAD_TO_SD * np.median(np.abs(a - np.median(a))))
 
 
-FloatLike = list[float] | np.ndarray
 
 
 def reshuffle(
@@ -70,14 +72,12 @@ def reshuffle(
     log_span: float,
     prior_ratio: float,
     done: float = 0.0,
-    gain: float = 0.0,
 ) -> Reshuffle:
-    """How far a trial's centred level may still move by the horizon (its variance).
-
-    The prior: ``prior_ratio * (1 - done)^2`` times the cohort's spread squared, ``done`` the
-    share of the horizon the rung stands at. With ``gain`` > 0 the cohort's own movement over
-    the last octave (``then`` to ``now``) scales it, relative to the movement the prior implies
-    for that octave (shrunk towards 1 with PRIOR_WEIGHT pseudo-trials)."""
+    """How far a trial's centred level may still move by the horizon (its variance):
+    ``prior_ratio * (1 - done)^2`` times the cohort's spread squared, ``done`` the share of
+    the horizon the rung stands at. The cohort's own movement over the octave before the
+    rung (``then`` to ``now``, less what the jitter explains) is reported beside it: scaling
+    the prior by it did not help on held-out races (docs/backtest.md)."""
     spread = robust_sd([lv.value for lv in now.values()])
     prior = prior_ratio * (1.0 - min(max(done, 0.0), 1.0)) ** 2 * spread**2
     both = sorted(set(now) & set(then))
@@ -90,11 +90,6 @@ def reshuffle(
         var = robust_sd(ch) ** 2
         noise = float(np.mean([now[n].se ** 2 + then[n].se ** 2 for n in both]))
         measured = max(0.0, var - noise)
-        if gain > 0 and spread > 0:
-            m = len(both)
-            ratio = measured / (OCTAVE_PRIOR * spread**2)
-            factor = (m * ratio + PRIOR_WEIGHT) / (m + PRIOR_WEIGHT)
-            rate = prior * float(np.clip(factor, 0.25, 4.0)) ** gain
     return Reshuffle(rate, measured, len(both), spread, prior)
 
 
@@ -131,6 +126,29 @@ class CutResult:
     verdicts: dict[str, Verdict]
 
 
+def _with_known_se(levels: Mapping[str, Level]) -> dict[str, Level]:
+    """Levels whose curve was too short to read its own jitter take the cohort's median
+    jitter; with none known, the larger of the cohort's spread and its typical last step
+    change (as careful as it gets: a few samples say nothing about the noise)."""
+    known = [lv.jitter for lv in levels.values() if math.isfinite(lv.jitter)]
+    if len(known) == len(levels):
+        return dict(levels)
+    if known:
+        fill = float(np.median(known))
+    else:
+        steps = [lv.step_change for lv in levels.values() if math.isfinite(lv.step_change)]
+        fill = max(
+            robust_sd([lv.value for lv in levels.values()]),
+            float(np.median(steps)) if steps else math.inf,
+        )
+    return {
+        n: lv
+        if math.isfinite(lv.jitter)
+        else replace(lv, jitter=fill, se=fill / math.sqrt(lv.points))
+        for n, lv in levels.items()
+    }
+
+
 def cut(
     levels: Mapping[str, Level],
     earlier: Mapping[str, Level],
@@ -143,14 +161,16 @@ def cut(
     prune_level: float,
     prior_ratio: float,
     protected: frozenset[str] = frozenset(),
-    gain: float = 0.0,
+    paired_se: Callable[[str, str], float | None] | None = None,
 ) -> CutResult:
     """Verdicts for every trial with a level at the rung (sorted by level, then name)."""
+    levels = _with_known_se(levels)
+    earlier = _with_known_se(earlier)
     ranked = sorted(levels, key=lambda n: (levels[n].value, n))
     expected = len(ranked) + max(0, coming)
     keep = max(1, math.ceil(expected / eta))
     span = math.log(boundary / past) if 0 < past < boundary else 0.0
-    rs = reshuffle(levels, earlier, span, prior_ratio, boundary / max(horizon, 1), gain)
+    rs = reshuffle(levels, earlier, span, prior_ratio, boundary / max(horizon, 1))
     remaining = max(0.0, math.log(max(horizon, boundary) / boundary))
     z = float(special.ndtri(prune_level))
     cut_name = ranked[keep - 1] if len(ranked) >= keep else None
@@ -162,7 +182,13 @@ def cut(
             continue
         me, ref = levels[name], levels[cut_name]
         gap = me.value - ref.value
-        sd = math.sqrt(me.se**2 + ref.se**2 + 2.0 * rs.rate)
+        pair = paired_se(name, cut_name) if paired_se is not None else None
+        # Curves sampled at the same steps share their evaluation noise: the jitter of their
+        # difference is then the one to use (it can only be smaller than the two together).
+        se2 = me.se**2 + ref.se**2
+        if pair is not None and math.isfinite(pair):
+            se2 = min(se2, pair**2)
+        sd = math.sqrt(se2 + 2.0 * rs.rate)
         bound = gap - z * sd
         prune = bound > 0 and name not in protected
         verdicts[name] = Verdict(name, i + 1, True, prune, gap, sd, bound)

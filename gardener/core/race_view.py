@@ -11,7 +11,7 @@ import numpy as np
 
 from gardener.core import fit as fitmod
 from gardener.core.config import DecisionConfig, Policy
-from gardener.core.levels import Level, _median1, level_at, typical_jitter
+from gardener.core.levels import Level, level_at, median1, typical_jitter
 from gardener.core.rungs import prefix_at, rung_reached
 from gardener.core.seeds import SeedPicker
 from gardener.core.states import StateReading, classify
@@ -127,7 +127,9 @@ class RaceView:
             return config
         # The race's typical jitter, from the live curves (the ones being compared).
         unit = typical_jitter([c.values for c in self.curves if c.alive])
-        spacing = [_median1(np.diff(c.steps).astype(np.float64)) for c in self.curves if len(c.steps) >= 2]
+        spacing = [
+            median1(np.diff(c.steps).astype(np.float64)) for c in self.curves if len(c.steps) >= 2
+        ]
         span = (float(np.median(spacing)) if spacing else 1.0) * max(1, config.slope_window - 1)
         self.unit = unit
         return replace(

@@ -12,17 +12,18 @@ decided there or later): the same set before and after this call's decisions are
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from gardener.core import gates
 from gardener.core.config import Policy, RungRule
-from gardener.core.levels import Level
+from gardener.core.levels import JITTER_MIN_POINTS, Level, jitter
 from gardener.core.promotion import RESHUFFLE_PRIOR, CutResult, cut
 from gardener.core.promotion import Verdict as CutVerdict
 from gardener.core.race_view import Curve, RaceView, num
 from gardener.core.rungs import keep_count, prefix_at, prune_quota
 from gardener.core.seeds import MIRROR_ORDER
-from gardener.core.states import StateReading
+from gardener.core.states import StateReading, common_deltas
 from gardener.core.types import Action, Decision, DesiredState, NewTrial
 
 CAUSE_RUNG = "rung"
@@ -104,11 +105,16 @@ def _verdict(
         )
     rows = [
         gates.Row(
-            x.name, x.trial.seed, x.trial.variant, float(prefix_at(x.steps, x.values, boundary)[1][-1])
+            x.name,
+            x.trial.seed,
+            x.trial.variant,
+            float(prefix_at(x.steps, x.values, boundary)[1][-1]),
         )
         for x in cohort
     ]
-    verdict = gates.gate2(rows, threshold=cfg.gate2_bpb, seeds=cfg.gate2_seeds, quorum=cfg.gate_quorum)
+    verdict = gates.gate2(
+        rows, threshold=cfg.gate2_bpb, seeds=cfg.gate2_seeds, quorum=cfg.gate_quorum
+    )
     ok = last < cfg.gate2_bpb
     nums |= {
         "final_bpb": last,
@@ -144,19 +150,6 @@ def _gardener_cut(view: RaceView, r: int, cohort: list[Curve]) -> CutResult:
             ev = view.level(c, past)
             if ev is not None and ev.last_step < lv.first_step:
                 earlier[c.name] = ev
-    if cfg.trend_weight > 0 and len(earlier) >= 3:
-        import dataclasses
-        import math
-
-        import numpy as np
-        med_now = float(np.median([levels[n].value for n in earlier]))
-        med_then = float(np.median([earlier[n].value for n in earlier]))
-        R = math.log(max(view.horizon, boundary) / boundary) / math.log(boundary / past)
-        for n, ev in earlier.items():
-            lv = levels[n]
-            d = (lv.value - med_now) - (ev.value - med_then)
-            w = cfg.trend_weight * R
-            levels[n] = dataclasses.replace(lv, value=lv.value + w * d, se=math.sqrt((1 + w) ** 2 * lv.se**2 + w**2 * ev.se**2))
     names = {c.name for c in cohort}
     # Live trials one rung behind are on their way: the cut counts them, and the rung waits
     # for them (``_gardener_rung``). Trials further behind (started later) do not hold it up.
@@ -175,8 +168,21 @@ def _gardener_cut(view: RaceView, r: int, cohort: list[Curve]) -> CutResult:
         prune_level=cfg.prune_level,
         prior_ratio=RESHUFFLE_PRIOR if cfg.reshuffle_prior is None else cfg.reshuffle_prior,
         protected=protected,
-        gain=cfg.reshuffle_gain,
+        paired_se=lambda a, b: _paired_se(view, view.by_name[a], view.by_name[b], boundary),
     )
+
+
+def _paired_se(view: RaceView, a: Curve, b: Curve, boundary: int) -> float | None:
+    """The standard error of a's level minus b's from the jitter of their difference at the
+    steps both have (None when they share too few steps to tell)."""
+    s1, v1 = prefix_at(a.steps, a.values, boundary)
+    s2, v2 = prefix_at(b.steps, b.values, boundary)
+    common, d = common_deltas(s1, v1, s2, v2)
+    if len(common) < JITTER_MIN_POINTS:
+        return None
+    lv = view.level(a, boundary)
+    points = lv.points if lv is not None else 1
+    return jitter(d) / math.sqrt(points)
 
 
 def _cut_numbers(res: CutResult, v: CutVerdict) -> dict[str, Any]:
@@ -221,7 +227,8 @@ def _gardener_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decis
         lv = view.level(c, cfg.rungs[r])
         if v is None or lv is None:
             nums |= {"rank": None, "score": None, "keep_why": KEPT_FEW_POINTS}
-            out.append(Decision(Action.KEEP, c.name, r, "keep: no sample at the rung", st.state, nums))
+            why = "keep: no sample at the rung"
+            out.append(Decision(Action.KEEP, c.name, r, why, st.state, nums))
             continue
         nums |= {
             "rank": v.rank,
@@ -290,7 +297,9 @@ def _seed_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decision]
     already = sum(
         1
         for c in cohort
-        if c.name not in pend and c.trial.rung == r and c.trial.desired_state is DesiredState.STOPPED
+        if c.name not in pend
+        and c.trial.rung == r
+        and c.trial.desired_state is DesiredState.STOPPED
     )
     allowed = max(0, prune_quota(rule, n) - already)
 
@@ -336,14 +345,15 @@ def _seed_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decision]
         st = view.state(c)
         nums = numbers(c, st)
         value, basis, _ = scores[c.name]
+        at = f"rank {rank[c.name] + 1}/{n}"
         if rule is RungRule.VERDICT:
             out.append(_verdict(view, r, c, cohort, st, nums))
             continue
         if rule is RungRule.COLLECT:
             kw = KEPT_COLLECT
-            why = f"rung {r} (collect): no kills yet; {basis} {value:.4f}, rank {rank[c.name] + 1}/{n}"
+            why = f"rung {r} (collect): no kills yet; {basis} {value:.4f}, {at}"
         elif rule is RungRule.PROMOTE:
-            kw, why = KEPT_WITHIN_CUT, f"rung {r} (promote): {best.name} leads; keep, rank {rank[c.name] + 1}/{n}"
+            kw, why = KEPT_WITHIN_CUT, f"rung {r} (promote): {best.name} leads; keep, {at}"
         elif lead is not None and c.name == lead.name:
             kw, why = KEPT_LEADER, f"rung {r} ({rule.value}): the race leader is never pruned"
         elif rank[c.name] < keep_n:
