@@ -87,6 +87,22 @@ def fit_result_numbers(f: fitmod.PowerLawFit, v: FloatArray, horizon: int) -> di
     return out
 
 
+# Fits of curve prefixes already seen (a prefix at a rung never changes once the trial is past
+# it): a bounded memo of a pure function, so a later call does not refit the same samples.
+_FIT_MEMO: dict[tuple[bytes, bytes, int, float], dict[str, Any]] = {}
+_FIT_MEMO_SIZE = 4096
+
+
+def _memo_key(s: IntArray, v: FloatArray, horizon: int, level: float) -> tuple[bytes, bytes, int, float]:
+    return (s.tobytes(), v.tobytes(), horizon, level)
+
+
+def _remember(key: tuple[bytes, bytes, int, float], nums: dict[str, Any]) -> None:
+    if len(_FIT_MEMO) >= _FIT_MEMO_SIZE:
+        _FIT_MEMO.pop(next(iter(_FIT_MEMO)))  # the oldest entry
+    _FIT_MEMO[key] = nums
+
+
 class RaceView:
     """Curves of one snapshot as ``decide`` sees them, with the caches of one call."""
 
@@ -153,30 +169,40 @@ class RaceView:
         return self._levels[key]
 
     def fit_all(self, curves: list[Curve], r: int) -> None:
-        """Fit the prefixes of ``curves`` at rung ``r`` in one batch (filling the cache)."""
-        todo = [c for c in curves if (c.name, r) not in self._fits]
-        if len(todo) < 2 or not self.cfg.record_fits:
+        """Fit the prefixes of ``curves`` at rung ``r`` in one batch (filling the cache);
+        prefixes fitted by an earlier call come from ``_FIT_MEMO``."""
+        if not (self.cfg.record_fits or self.cfg.policy is Policy.SEED):
             return
-        pre = [prefix_at(c.steps, c.values, self.cfg.rungs[r]) for c in todo]
-        width = max(len(s) for s, _ in pre)
+        todo = []
+        for c in curves:
+            if (c.name, r) in self._fits:
+                continue
+            s, v = prefix_at(c.steps, c.values, self.cfg.rungs[r])
+            memo = _FIT_MEMO.get(_memo_key(s, v, self.horizon, self.cfg.level))
+            if memo is not None:
+                self._fits[(c.name, r)] = memo
+            else:
+                todo.append((c, s, v))
+        if not todo:
+            return
+        width = max(len(s) for _, s, _ in todo)
         ts = np.full((len(todo), width), np.nan)
         vs = np.full((len(todo), width), np.nan)
-        for i, (s, v) in enumerate(pre):
+        for i, (_, s, v) in enumerate(todo):
             ts[i, : len(s)] = s
             vs[i, : len(v)] = v
-        batch = fitmod.fit_many(ts, vs, [len(s) for s, _ in pre], level=self.cfg.level)
-        for i, c in enumerate(todo):
-            self._fits[(c.name, r)] = fit_result_numbers(
-                batch.fit(i), pre[i][1], self.horizon
-            )
+        batch = fitmod.fit_many(ts, vs, [len(s) for _, s, _ in todo], level=self.cfg.level)
+        for i, (c, s, v) in enumerate(todo):
+            nums = fit_result_numbers(batch.fit(i), v, self.horizon)
+            self._fits[(c.name, r)] = nums
+            _remember(_memo_key(s, v, self.horizon, self.cfg.level), nums)
 
     def fit(self, c: Curve, r: int) -> dict[str, Any]:
         key = (c.name, r)
         if not self.cfg.record_fits and self.cfg.policy is not Policy.SEED:
             return {"ok": False, "reason": "not fitted (record_fits off)", "n": len(c.steps)}
         if key not in self._fits:
-            s, v = prefix_at(c.steps, c.values, self.cfg.rungs[r])
-            self._fits[key] = fit_numbers(s, v, self.horizon, self.cfg.level)
+            self.fit_all([c], r)
         return self._fits[key]
 
     # -- the leader and the states -----------------------------------------------------------

@@ -287,6 +287,7 @@ def _seed_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decision]
     rule = cfg.rung_rules[r]
     pend = {c.name for c in pending}
     cohort = _cohort(view, r, pend)
+    view.fit_all(cohort, r)
     scores = {c.name: _seed_score(view, c, r) for c in cohort}
     ranked = sorted(cohort, key=lambda c: (scores[c.name][0], c.name))
     rank = {c.name: i for i, c in enumerate(ranked)}
