@@ -128,8 +128,8 @@ class CutResult:
 
 def _with_known_se(levels: Mapping[str, Level]) -> dict[str, Level]:
     """Levels whose curve was too short to read its own jitter take the cohort's median
-    jitter; with none known, the larger of the cohort's spread and its typical last step
-    change (as careful as it gets: a few samples say nothing about the noise)."""
+    jitter; with none known, the cohort's typical change between its last two samples (trend
+    and noise together: an upper bound of the noise), else the cohort's spread."""
     known = [lv.jitter for lv in levels.values() if math.isfinite(lv.jitter)]
     if len(known) == len(levels):
         return dict(levels)
@@ -137,9 +137,8 @@ def _with_known_se(levels: Mapping[str, Level]) -> dict[str, Level]:
         fill = float(np.median(known))
     else:
         steps = [lv.step_change for lv in levels.values() if math.isfinite(lv.step_change)]
-        fill = max(
-            robust_sd([lv.value for lv in levels.values()]),
-            float(np.median(steps)) if steps else math.inf,
+        fill = (
+            float(np.median(steps)) if steps else robust_sd([lv.value for lv in levels.values()])
         )
     return {
         n: lv

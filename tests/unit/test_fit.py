@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gardener.core.fit import (
+    insane_prediction,
     P_MAX,
     P_MIN,
     BatchFit,
@@ -421,3 +422,15 @@ def test_batched_fit_never_raises_on_arbitrary_arrays(
         _check_fit(batch.fit(i))
     pred = batch.predict(1000.0)
     assert np.isnan(pred.mean[~batch.ok]).all()
+
+
+def test_an_implausible_prediction_is_no_fit_with_the_reason() -> None:
+    # A loss that fell from 0.30 to 0.10: below zero is the fit running off.
+    v = np.array([0.30, 0.20, 0.15, 0.12, 0.10])
+    assert "below zero" in (insane_prediction(v, -0.01) or "")
+    assert insane_prediction(v, 0.05) is None and insane_prediction(v, 0.11) is None
+    # Further below its best than its whole range (2.8 - 0.2) is too far; 2.65 is not.
+    big = np.array([3.0, 2.9, 2.8])
+    assert "far below" in (insane_prediction(big, 2.5) or "")
+    assert insane_prediction(big, 2.65) is None
+    assert "not finite" in (insane_prediction(big, float("nan")) or "")

@@ -138,3 +138,15 @@ def test_gf16_needs_hidden_256() -> None:
 def test_a_clean_trial_fires_nothing() -> None:
     assert kinds(trial("a-seed1", [10, 20, 30], [3.0, 2.9, 2.8], corpus_sha256="aa"),
                  expected_corpus_sha256="aa") == {}
+
+
+def test_bpb_only_tripwires_stay_off_for_a_loss() -> None:
+    # A loss of 0.05 is no leak and no floor breach, and GF16 is a BPB-race format rule:
+    # with metric "loss" none of them fires; the generic ones (bad sample, stall) still do.
+    low = trial("a-seed1", [1, 2, 3, 4, 5, 6], [0.3, 0.2, 0.1, 0.07, 0.06, 0.05], format="GF16")
+    bad = trial("b-seed2", [1, 2, 3], [0.3, math.nan, 0.2])
+    as_bpb = kinds(low, bad)
+    assert {tw.LEAK, tw.BELOW_FLOOR, tw.GF16_HIDDEN} <= set(as_bpb)
+    s = Snapshot("r", 0.0, (low, bad))
+    loss = {e.kind for e in check_snapshot(s, DecisionConfig(metric="loss"))}
+    assert loss == {tw.BAD_SAMPLE}
