@@ -36,12 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import PEERS, run_peers  # noqa: E402
+from peers import PEERS, run_peers
 
-from gardener.core.config import DecisionConfig  # noqa: E402
-from gardener.core.levels import level_at  # noqa: E402
-from gardener.core.promotion import RESHUFFLE_PRIOR, robust_sd  # noqa: E402
-from gardener.race.backtest import (  # noqa: E402
+from gardener.core.config import DecisionConfig
+from gardener.core.levels import level_at
+from gardener.core.promotion import RESHUFFLE_PRIOR, robust_sd
+from gardener.race.backtest import (
     SWEEP_LEVELS,
     Race,
     Run,

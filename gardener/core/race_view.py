@@ -89,15 +89,16 @@ def fit_result_numbers(f: fitmod.PowerLawFit, v: FloatArray, horizon: int) -> di
 
 # Fits of curve prefixes already seen (a prefix at a rung never changes once the trial is past
 # it): a bounded memo of a pure function, so a later call does not refit the same samples.
-_FIT_MEMO: dict[tuple[bytes, bytes, int, float], dict[str, Any]] = {}
+_MemoKey = tuple[bytes, bytes, int, float]
+_FIT_MEMO: dict[_MemoKey, dict[str, Any]] = {}
 _FIT_MEMO_SIZE = 4096
 
 
-def _memo_key(s: IntArray, v: FloatArray, horizon: int, level: float) -> tuple[bytes, bytes, int, float]:
+def _memo_key(s: IntArray, v: FloatArray, horizon: int, level: float) -> _MemoKey:
     return (s.tobytes(), v.tobytes(), horizon, level)
 
 
-def _remember(key: tuple[bytes, bytes, int, float], nums: dict[str, Any]) -> None:
+def _remember(key: _MemoKey, nums: dict[str, Any]) -> None:
     if len(_FIT_MEMO) >= _FIT_MEMO_SIZE:
         _FIT_MEMO.pop(next(iter(_FIT_MEMO)))  # the oldest entry
     _FIT_MEMO[key] = nums

@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gardener.core.fit import (
-    insane_prediction,
     P_MAX,
     P_MIN,
     BatchFit,
     PowerLawFit,
     fit_many,
     fit_power_law,
+    insane_prediction,
 )
 
 STEPS = np.arange(500.0, 12_001.0, 500.0)
