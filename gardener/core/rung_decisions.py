@@ -13,6 +13,7 @@ decided there or later): the same set before and after this call's decisions are
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from gardener.core import gates
@@ -204,6 +205,9 @@ def _cut_numbers(res: CutResult, v: CutVerdict) -> dict[str, Any]:
     }
 
 
+_NO = CutVerdict("", 0, False, False, None, None, None)
+
+
 def _gardener_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decision]) -> None:
     cfg = view.cfg
     rule = cfg.rung_rules[r]
@@ -211,16 +215,27 @@ def _gardener_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decis
     cohort = _cohort(view, r, pend)
     final = rule is RungRule.VERDICT or r == len(cfg.rungs) - 1
     res = _gardener_cut(view, r, cohort)
-    if res.expected > len(res.verdicts) and not final:
-        # Part of the cohort is still on its way: decide when it is here (the waiting trials
-        # keep running; ASHA's early arrivals would otherwise be judged against a few).
-        return
+    complete = res.expected <= len(res.verdicts)
+    if not complete and not final:
+        # Part of the cohort is still on its way: an early arrival is kept for now (it runs
+        # on) and judged with the rest when the last of them arrives (below).
+        res = replace(res, cut_name=None, verdicts={
+            k: replace(v, below_cut=False, prune=False) for k, v in res.verdicts.items()
+        })
     ranked = sorted(res.verdicts.values(), key=lambda v: v.rank)
     best = view.by_name[ranked[0].name] if ranked else None
     n = len(ranked)
     lead = view.leader
     view.fit_all(pending, r)
-    for c in pending:
+    # Trials kept at this rung while the cohort was still arriving, and still between this
+    # rung and the next: now that the cohort is complete, the clearly worse of them go too.
+    early = [
+        c
+        for c in cohort
+        if complete and not final and c.name not in pend and c.alive
+        and c.trial.rung == r and c.reached == r and res.verdicts.get(c.name, _NO).prune
+    ]
+    for c in [*pending, *early]:
         v = res.verdicts.get(c.name)
         st = view.state(c)
         nums = view.base_numbers(c, r, st) | {"rule": "cut" if not final else rule.value}
@@ -258,6 +273,12 @@ def _gardener_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decis
             continue
         if lead is not None and c.name == lead.name:
             kw, why = KEPT_LEADER, f"{head}: the race leader is never pruned"
+        elif not complete:
+            kw = KEPT_WAITING
+            why = (
+                f"{head}: {len(res.verdicts)} of {res.expected} have reached the rung; kept "
+                f"for now, judged with the rest when they arrive"
+            )
         elif res.cut_name is None:
             kw = KEPT_WAITING
             why = f"{head}: fewer than {res.keep} of {res.expected} have reached the rung"
