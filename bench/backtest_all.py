@@ -165,22 +165,28 @@ def _level(run: Run, step: int) -> float:
 
 
 def heldout(name: str, races: list[Race]) -> dict[str, Any]:
-    """Choose the knob on one half of the races and score it on the other, both ways: the
-    knob chosen is the lowest-compute frontier point no peer dominates on the choosing half
-    (and, on config races, saving at least half the compute)."""
+    """Choose the knob on one half of the races and score it on the other, both ways. The
+    choice: among the frontier points no peer dominates on the choosing half, the one with
+    the lowest compute + nregret (a balanced pick; no peer figure of the scoring half is
+    used)."""
     multi = [r for r in races if len(r.runs) >= 2]
     halves = {"even": multi[0::2], "odd": multi[1::2]}
     evals = {h: evaluate(rs, sweep=True) for h, rs in halves.items()}
-    out: dict[str, Any] = {"halves": {}}
+    out: dict[str, Any] = {
+        "halves": {},
+        "frontiers": {
+            h: {"races": ev["races"], "frontier": ev["frontier"],
+                "peers": {p: ev["summary"][p] for p in PEERS},
+                "gardener": ev["summary"]["gardener"]}
+            for h, ev in evals.items()
+        },
+    }
     for pick, score in (("even", "odd"), ("odd", "even")):
         ev = evals[pick]
         ok = [
-            f
-            for f in ev["frontier"]
-            if not any(dominates(ev["summary"][p], f) for p in PEERS)
-            and (name != "algoperf-config" or f["compute"] <= 0.5)
+            f for f in ev["frontier"] if not any(dominates(ev["summary"][p], f) for p in PEERS)
         ]
-        chosen = min(ok, key=lambda f: f["compute"])["knob"] if ok else None
+        chosen = min(ok, key=lambda f: f["compute"] + f["nregret"])["knob"] if ok else None
         target = evals[score]
         point = next((f for f in target["frontier"] if f["knob"] == chosen), None)
         out["halves"][f"chosen_on_{pick}_scored_on_{score}"] = {
