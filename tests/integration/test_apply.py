@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gardener.core import canon
-from gardener.core.config import DecisionConfig
+from gardener.core.config import DecisionConfig, Policy
 from gardener.core.decide import apply_to_snapshot, decide
 from gardener.core.types import Action, Decision, NewTrial, Snapshot
 from gardener.errors import SeedReused
@@ -19,7 +19,10 @@ from gardener.ledger.apply import Outcome, apply_decision, apply_decisions
 from gardener.ledger.snapshot import RaceInfo, load_snapshot, race_info
 
 RUNGS = (20, 40, 80, 160, 320)  # collect, halve, top3, promote, verdict
-CONFIG = DecisionConfig().with_rungs(RUNGS)
+# These tests are about applying decisions, so they pin the plan's rules (policy ``seed``):
+# its quotas fix what each rung decides. The gardener's own choices: tests/unit/test_decide.py.
+PLAN = {"policy": "seed"}
+CONFIG = DecisionConfig(policy=Policy.SEED).with_rungs(RUNGS)
 
 
 def curve(offset: float, upto: int, *, start: int = 5, every: int = 5, seed: int = 0) -> list:
@@ -42,7 +45,7 @@ async def make_race(
     first_seed: int = 1000,
 ) -> list[str]:
     """A race of ``n`` trials of one variant with EXP_IDs, ``rungs`` from RUNGS."""
-    cfg = {"rungs": list(RUNGS), **(config or {})}
+    cfg = {"rungs": list(RUNGS), "decision": dict(PLAN), **(config or {})}
     await trials.ensure_race(conn, name, account, horizon=RUNGS[-1], config=cfg)
     admissions = [
         trials.Admission(
