@@ -44,6 +44,7 @@ from gardener.core.types import (
     IntArray,
     Snapshot,
     TrialView,
+    TripwireEvent,
 )
 from gardener.errors import UserError
 
@@ -314,6 +315,7 @@ def simulate(
     pruned = 0
     now = 0
     since = 0  # samples that arrived since the last call of ``decide``
+    opened: tuple[TripwireEvent, ...] = ()
     for _ in range(max_ticks):
         nxt = [
             s.offset + int(s.run.steps[k])
@@ -338,7 +340,14 @@ def simulate(
         for s in sims.values():
             k = s.visible(now)
             trials.append(replace(s.view, steps=s.run.steps[:k], bpb=s.run.values[:k]))
-        snap = Snapshot(race.name, float(now), tuple(trials), used_seeds=used, horizon=race.horizon)
+        snap = Snapshot(
+            race.name,
+            float(now),
+            tuple(trials),
+            used_seeds=used,
+            horizon=race.horizon,
+            open_tripwires=opened,  # a tripwire fires once, as in the ledger
+        )
         decisions = decide(snap, config)
         for d in decisions:
             counts[d.action.value] += 1
@@ -350,6 +359,7 @@ def simulate(
                 why_kept["held"] += 1
         after = apply_to_snapshot(snap, decisions)
         used = dict(after.used_seeds)
+        opened = after.open_tripwires
         for t in after.trials:
             if t.canon_name in sims:
                 s = sims[t.canon_name]
