@@ -15,18 +15,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 
 from gardener import logs
-from gardener.backends.base import EnsureOutcome, LogLine, ServiceSpec, ServiceState, Status
+from gardener.backends.base import EnsureOutcome, ServiceSpec, ServiceState, Status
 from gardener.loop.daemon import serve
 from gardener.settings import Settings
+from tests.memory_daemon import MemoryBackend
 
 
-class RecordingBackend:
-    kind = "memory"
+class RecordingBackend(MemoryBackend):
+    """The in-memory platform, its services kept in a file and every mutating call recorded
+    (logs: none, as the in-memory one)."""
 
     def __init__(self, account: str, calls: str, delay: float) -> None:
         self.account = account
@@ -75,16 +76,6 @@ class RecordingBackend:
         gone = self.services.pop(name, None) is not None
         self._save()
         return gone
-
-    async def tail(self, name: str, cursor: str | None = None) -> list[LogLine]:
-        return []
-
-    async def logs(self, name: str, *, poll_interval: float = 2.0) -> AsyncIterator[LogLine]:
-        for line in await self.tail(name):
-            yield line
-
-    async def aclose(self) -> None:
-        pass
 
 
 def main(argv: list[str]) -> None:
