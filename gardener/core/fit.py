@@ -25,7 +25,8 @@ Why this shape:
   value land".
 - Nothing here raises on a curve: short, non-finite, flat or degenerate curves return a fit
   with ``ok=False`` and a reason. Points at step 0 are dropped (``t**(-p)`` is undefined there)
-  and counted in ``dropped``; negative or non-finite steps and non-finite values are a no-fit.
+  and counted in ``dropped``; negative, non-finite or out-of-range steps (above the ledger's
+  bigint) and non-finite values are a no-fit.
 
 The pieces: ``fit_solver`` (grid, least squares, polish), ``fit_intervals`` (residual
 statistics, the discrepancy check, predictions), ``fit_results`` (what a fit returns); this
@@ -61,6 +62,9 @@ from gardener.core.fit_solver import (
     _profile_fit,
     _scipy_polish,
 )
+
+# The largest step the ledger can hold (bigint): beyond it a step is corrupt, not a step.
+MAX_STEP = 2**63 - 1
 
 __all__ = [
     "GRID_SIZE",
@@ -190,7 +194,7 @@ def _fit_batch_impl(
 
     bad_t = inside & ~np.isfinite(t_in)
     bad_y = inside & ~np.isfinite(y_in)
-    neg_t = inside & np.isfinite(t_in) & (t_in < 0)
+    neg_t = inside & np.isfinite(t_in) & ((t_in < 0) | (t_in > MAX_STEP))
     zero_t = inside & (t_in == 0)
     use = inside & ~bad_t & ~bad_y & ~neg_t & ~zero_t
     dropped = zero_t.sum(axis=1).astype(np.int64)
@@ -225,7 +229,7 @@ def _fit_batch_impl(
         if n_bad_t[i] or n_bad_y[i]:
             reason[i] = f"non-finite values: {int(n_bad_t[i])} steps, {int(n_bad_y[i])} values"
         elif n_neg[i]:
-            reason[i] = f"negative steps: {int(n_neg[i])}"
+            reason[i] = f"steps below 0 or above {MAX_STEP}: {int(n_neg[i])}"
         elif n[i] < MIN_POINTS:
             extra = f" ({int(dropped[i])} at step 0 dropped)" if dropped[i] else ""
             reason[i] = f"fewer than {MIN_POINTS} usable points: {int(n[i])}{extra}"

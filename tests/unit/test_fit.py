@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -227,7 +227,8 @@ def test_late_decay_final_value_is_covered_from_half_the_horizon() -> None:
         ([1.0, 2.0, 3.0, 4.0], [3.0, float("nan"), 2.0, 1.9], "non-finite"),
         ([1.0, 2.0, float("inf"), 4.0], [3.0, 2.5, 2.0, 1.9], "non-finite"),
         ([1.0, 2.0, 3.0, 4.0], [3.0, 2.5, float("-inf"), 1.9], "non-finite"),
-        ([-1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.5, 2.0, 1.9, 1.8], "negative steps"),
+        ([-1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.5, 2.0, 1.9, 1.8], "steps below 0"),
+        ([1.0, 2.0, 3.0, 9e307], [3.0, 2.5, 2.0, 1.9], "steps below 0 or above"),
         (list(STEPS), [2.5] * STEPS.size, "constant curve"),
         (list(STEPS), list(1.0 + STEPS / 1e4), "no decreasing trend"),
         ([5.0, 5.0, 7.0, 7.0, 7.0], [3.0, 2.9, 2.0, 2.1, 2.05], "distinct steps"),
@@ -277,6 +278,7 @@ def _check_fit(fit: PowerLawFit) -> None:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_steps, _floats), min_size=0, max_size=30))
+@example([(1.0, 0.0), (1.0, 0.0), (2.0, 1.0), (8.98846567431158e307, 0.0)])  # 2 * step overflows
 def test_fit_never_raises_on_arbitrary_points(points: list[tuple[float, float]]) -> None:
     steps = [s for s, _ in points]
     values = [v for _, v in points]
