@@ -94,6 +94,21 @@ def typical_jitter(curves: list[FloatArray]) -> float:
     return float(np.median(_jitters(tails)))
 
 
+def tail_jitter(values: FloatArray) -> float:
+    """One curve's term of ``typical_jitter`` (NaN when it is too short to count): the median
+    of these over a cohort is ``typical_jitter`` of it, bit for bit."""
+    if len(values) < JITTER_MIN_POINTS:
+        return math.nan
+    d2 = np.diff(values[-JITTER_POINTS:], 2)
+    return median1(np.abs(d2 - median1(d2))) * (MAD_TO_SD / math.sqrt(6.0))
+
+
+def median_jitter(jitters: list[float]) -> float:
+    """``typical_jitter`` from the curves' ``tail_jitter`` values (NaNs skipped)."""
+    known = [j for j in jitters if not math.isnan(j)]
+    return float(np.median(known)) if known else 0.0
+
+
 def level_at(
     steps: IntArray,
     values: FloatArray,

@@ -4,6 +4,7 @@ and cached levels, fits and states. Built once per call, thrown away after it.""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -11,11 +12,17 @@ import numpy as np
 
 from gardener.core import fit as fitmod
 from gardener.core.config import DecisionConfig, Policy
-from gardener.core.levels import Level, level_at, median1, typical_jitter
+from gardener.core.levels import Level, level_at, median1, median_jitter, tail_jitter
 from gardener.core.rungs import prefix_at, rung_reached
 from gardener.core.seeds import SeedPicker
-from gardener.core.states import StateReading, classify
-from gardener.core.tripwires import QUARANTINE_KINDS, CleanCurve, check_snapshot, clean_curve
+from gardener.core.states import Comparison, StateReading, compare, state_of
+from gardener.core.tripwires import (
+    QUARANTINE_KINDS,
+    CleanCurve,
+    check_snapshot,
+    clean_curve,
+    curve_digest,
+)
 from gardener.core.types import (
     DesiredState,
     FloatArray,
@@ -104,16 +111,72 @@ def _remember(key: _MemoKey, nums: dict[str, Any]) -> None:
     _FIT_MEMO[key] = nums
 
 
+@dataclass(frozen=True)
+class TrialFacts:
+    """What one trial's samples say on their own, the same in every call that sees them."""
+
+    clean: CleanCurve
+    jitter: float  # its term of the race's typical jitter (``levels.tail_jitter``)
+    spacing: float | None  # median step between samples (None below two samples)
+    digest: int  # ``tripwires.curve_digest`` of the clean curve
+
+
+class _IdentityMemo:
+    """A bounded memo keyed on the objects themselves, not their contents.
+
+    The daemon's sample cache hands ``decide`` the same ``TrialView`` object for a trial whose
+    samples and row did not change (and a new one when they did); views and their arrays are
+    never changed in place. So facts derived from a view, or a pair of views, can be kept
+    across calls at the cost of one dictionary lookup, where hashing the samples would cost
+    as much as deriving the facts again. An entry holds its objects, so an ``id`` cannot be
+    reused while it is in the memo; the oldest entries go first.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, ...], tuple[tuple[object, ...], Any]] = OrderedDict()
+
+    def get(self, objs: tuple[object, ...], extra: tuple[Any, ...] = ()) -> Any:
+        hit = self.entries.get((*map(id, objs), *extra))
+        if hit is not None and all(a is b for a, b in zip(hit[0], objs, strict=True)):
+            return hit[1]
+        return None
+
+    def put(self, objs: tuple[object, ...], value: Any, extra: tuple[Any, ...] = ()) -> None:
+        self.entries[(*map(id, objs), *extra)] = (objs, value)
+        while len(self.entries) > self.size:
+            try:
+                self.entries.popitem(last=False)
+            except KeyError:  # emptied by another thread's call meanwhile
+                break
+
+
+# Room for the live trials of a large fleet, and their comparisons with a leader.
+_FACTS = _IdentityMemo(65_536)
+_COMPARISONS = _IdentityMemo(65_536)
+
+
+def trial_facts(t: TrialView) -> TrialFacts:
+    """The facts of one trial's samples (kept while the daemon hands back the same view)."""
+    facts: TrialFacts | None = _FACTS.get((t,))
+    if facts is None:
+        c = clean_curve(np.asarray(t.steps), np.asarray(t.bpb))
+        spacing = median1(np.diff(c.steps).astype(np.float64)) if len(c.steps) >= 2 else None
+        facts = TrialFacts(c, tail_jitter(c.bpb), spacing, curve_digest(c))
+        _FACTS.put((t,), facts)
+    return facts
+
+
 class RaceView:
     """Curves of one snapshot as ``decide`` sees them, with the caches of one call."""
 
     def __init__(self, snapshot: Snapshot, config: DecisionConfig) -> None:
         self.snap = snapshot
         trials = sorted(snapshot.trials, key=lambda t: t.canon_name)
-        self.clean: dict[str, CleanCurve] = {
-            t.canon_name: clean_curve(np.asarray(t.steps), np.asarray(t.bpb)) for t in trials
-        }
-        self.events = check_snapshot(snapshot, config, self.clean)
+        self.facts: dict[str, TrialFacts] = {t.canon_name: trial_facts(t) for t in trials}
+        self.clean: dict[str, CleanCurve] = {n: f.clean for n, f in self.facts.items()}
+        digests = {n: f.digest for n, f in self.facts.items()}
+        self.events = check_snapshot(snapshot, config, self.clean, digests)
         reviewed = snapshot.reviewed_tripwires
         self.active: list[TripwireEvent] = [
             e for e in snapshot.open_tripwires if e.key not in reviewed
@@ -143,10 +206,8 @@ class RaceView:
         if config.policy is Policy.SEED:
             return config
         # The race's typical jitter, from the live curves (the ones being compared).
-        unit = typical_jitter([c.values for c in self.curves if c.alive])
-        spacing = [
-            median1(np.diff(c.steps).astype(np.float64)) for c in self.curves if len(c.steps) >= 2
-        ]
+        unit = median_jitter([self.facts[c.name].jitter for c in self.curves if c.alive])
+        spacing = [sp for c in self.curves if (sp := self.facts[c.name].spacing) is not None]
         span = (float(np.median(spacing)) if spacing else 1.0) * max(1, config.slope_window - 1)
         self.unit = unit
         return replace(
@@ -225,9 +286,14 @@ class RaceView:
         lead = self.leader
         if lead is None:
             return StateReading(SeedState.UNKNOWN, None, None, 0)
-        return classify(
-            c.steps, c.values, lead.steps, lead.values, self.cfg, is_leader=c.name == lead.name
-        )
+        if c.name == lead.name:
+            return StateReading(SeedState.LEADING, 0.0, 0.0, len(c.steps))
+        w = self.cfg.slope_window
+        cmp: Comparison | None = _COMPARISONS.get((c.trial, lead.trial), (w,))
+        if cmp is None:
+            cmp = compare(c.steps, c.values, lead.steps, lead.values, w)
+            _COMPARISONS.put((c.trial, lead.trial), cmp, (w,))
+        return state_of(cmp, self.cfg)
 
     def rising(self, c: Curve) -> bool:
         """The gardener's extra test for DIVERGING: the trial's own curve goes up clearly over

@@ -7,6 +7,7 @@ shares (the same evaluation batches, the same schedule) cancel out of the rankin
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -17,11 +18,7 @@ from gardener.core.types import FloatArray, IntArray
 
 def rung_reached(config: DecisionConfig, last_step: int) -> int:
     """The highest rung index whose boundary ``last_step`` has reached, or -1."""
-    reached = -1
-    for i, boundary in enumerate(config.rungs):
-        if last_step >= boundary:
-            reached = i
-    return reached
+    return bisect.bisect_right(config.rungs, last_step) - 1  # rungs strictly increase
 
 
 def prefix_at(steps: IntArray, bpb: FloatArray, boundary: int) -> tuple[IntArray, FloatArray]:

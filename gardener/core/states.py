@@ -90,6 +90,52 @@ def trend(x: IntArray, y: FloatArray) -> float | None:
     return float(np.dot(xc, y - ym) / denom)
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A trial against the leader at their common steps, before any threshold: what the
+    state rule reads (so it can be kept while the two curves are unchanged)."""
+
+    delta: float | None  # trial minus leader at the last common step (None: no common step)
+    slope: float | None  # trend of the delta over the last ``window`` common points, per step
+    common_points: int
+    span: float  # steps covered by those points
+
+
+def compare(
+    steps: IntArray, bpb: FloatArray, lead_steps: IntArray, lead_bpb: FloatArray, window: int
+) -> Comparison:
+    """The trial's delta to the leader and its trend (curves sorted by step, cleaned)."""
+    common, deltas = common_deltas(steps, bpb, lead_steps, lead_bpb)
+    n = len(common)
+    if n == 0:
+        return Comparison(None, None, 0, 0.0)
+    tail = common[-window:]
+    return Comparison(
+        float(deltas[-1]), trend(tail, deltas[-window:]), n, float(tail[-1] - tail[0])
+    )
+
+
+def state_of(cmp: Comparison, config: DecisionConfig) -> StateReading:
+    """The plan's table on a comparison, with the config's thresholds."""
+    if cmp.delta is None:
+        return StateReading(SeedState.UNKNOWN, None, None, 0)
+    delta, slope, n = cmp.delta, cmp.slope, cmp.common_points
+    band = config.tied_band
+    closing = slope is not None and slope * cmp.span < -band
+    if delta < -band:
+        state = SeedState.LEADING
+    elif delta <= band:
+        state = SeedState.TIED
+    elif slope is not None and n >= config.slope_window and slope > config.diverging_slope:
+        state = SeedState.DIVERGING
+    else:
+        if delta <= config.parallel_losing_delta or closing:
+            state = SeedState.CATCHING_UP
+        else:
+            state = SeedState.PARALLEL_LOSING
+    return StateReading(state, delta, slope, n, closing)
+
+
 def classify(
     steps: IntArray,
     bpb: FloatArray,
@@ -102,25 +148,4 @@ def classify(
     """The seed state of one trial against the leader (curves sorted by step, cleaned)."""
     if is_leader:
         return StateReading(SeedState.LEADING, 0.0, 0.0, len(steps))
-    common, deltas = common_deltas(steps, bpb, lead_steps, lead_bpb)
-    n = len(common)
-    if n == 0:
-        return StateReading(SeedState.UNKNOWN, None, None, 0)
-    delta = float(deltas[-1])
-    w = config.slope_window
-    slope = trend(common[-w:], deltas[-w:])
-    band = config.tied_band
-    span = float(common[-w:][-1] - common[-w:][0])
-    closing = slope is not None and slope * span < -band
-    if delta < -band:
-        state = SeedState.LEADING
-    elif delta <= band:
-        state = SeedState.TIED
-    elif slope is not None and n >= w and slope > config.diverging_slope:
-        state = SeedState.DIVERGING
-    else:
-        if delta <= config.parallel_losing_delta or closing:
-            state = SeedState.CATCHING_UP
-        else:
-            state = SeedState.PARALLEL_LOSING
-    return StateReading(state, delta, slope, n, closing)
+    return state_of(compare(steps, bpb, lead_steps, lead_bpb, config.slope_window), config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,8 +192,10 @@ def check_trial(
                     {"expected_name": snapshot.expected_corpus, "reported_name": trial.corpus},
                 )
             )
-    if config.is_bpb and trial.format == "GF16" and (
-        trial.hidden_size is None or trial.hidden_size < config.gf16_min_hidden
+    if (
+        config.is_bpb
+        and trial.format == "GF16"
+        and (trial.hidden_size is None or trial.hidden_size < config.gf16_min_hidden)
     ):
         out.append(
             TripwireEvent(
@@ -204,27 +207,50 @@ def check_trial(
     return out
 
 
-def check_duplicates(curves: dict[str, CleanCurve], min_points: int) -> list[TripwireEvent]:
+def curve_digest(c: CleanCurve) -> int:
+    """A hash of a curve's samples: equal curves have equal digests (``check_duplicates``
+    confirms a match on the samples themselves)."""
+    return hash((c.steps.tobytes(), c.bpb.tobytes()))
+
+
+def check_duplicates(
+    curves: dict[str, CleanCurve], min_points: int, digests: Mapping[str, int] | None = None
+) -> list[TripwireEvent]:
     """Bit-identical curves under different canon names; the first name (sorted) is kept as
-    the original, every other one fires. Curves shorter than ``min_points`` never match."""
-    groups: dict[tuple[bytes, bytes], list[str]] = defaultdict(list)
+    the original, every other one fires. Curves shorter than ``min_points`` never match.
+    ``digests`` (``curve_digest`` of each curve, when the caller keeps them) saves hashing."""
+    groups: dict[int, list[str]] = defaultdict(list)
     for name in sorted(curves):
         c = curves[name]
         if len(c.steps) >= max(1, min_points):
-            groups[(c.steps.tobytes(), c.bpb.tobytes())].append(name)
+            groups[digests[name] if digests is not None else curve_digest(c)].append(name)
     out: list[TripwireEvent] = []
     for names in groups.values():
-        for other in names[1:]:
-            out.append(
-                TripwireEvent(
-                    DUPLICATE_RUN, other, {"same_as": names[0], "points": len(curves[other].steps)}
+        while len(names) > 1:  # the same digest: split by the samples themselves
+            first = curves[names[0]]
+            same = [
+                n
+                for n in names[1:]
+                if np.array_equal(curves[n].steps, first.steps)
+                and np.array_equal(curves[n].bpb, first.bpb)
+            ]
+            for other in same:
+                out.append(
+                    TripwireEvent(
+                        DUPLICATE_RUN,
+                        other,
+                        {"same_as": names[0], "points": len(curves[other].steps)},
+                    )
                 )
-            )
+            names = [n for n in names[1:] if n not in same]
     return out
 
 
 def check_snapshot(
-    snapshot: Snapshot, config: DecisionConfig, curves: dict[str, CleanCurve] | None = None
+    snapshot: Snapshot,
+    config: DecisionConfig,
+    curves: dict[str, CleanCurve] | None = None,
+    digests: Mapping[str, int] | None = None,
 ) -> list[TripwireEvent]:
     """All tripwires of a snapshot, except those a person already reviewed; sorted by key."""
     cs = (
@@ -235,6 +261,6 @@ def check_snapshot(
     events: list[TripwireEvent] = []
     for t in snapshot.trials:
         events.extend(check_trial(t, snapshot, config, cs[t.canon_name]))
-    events.extend(check_duplicates(cs, config.duplicate_min_points))
+    events.extend(check_duplicates(cs, config.duplicate_min_points, digests))
     fresh = [e for e in events if e.key not in snapshot.reviewed_tripwires]
     return sorted(fresh, key=lambda e: e.key)
