@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from gardener.core.config import DecisionConfig, Policy, RungRule, rules_for
 from gardener.core.decide import apply_to_snapshot, decide, leader_of
 from gardener.core.seeds import phi_seed
-from gardener.core.types import Action, DesiredState, Snapshot, TrialView, TripwireEvent
+from gardener.core.types import (
+    Action,
+    Decision,
+    DesiredState,
+    Snapshot,
+    TrialView,
+    TripwireEvent,
+)
 
 RUNGS = (100, 200, 400, 800, 1600, 3200)
 VARIANT = "IGLA-HYBRID-FP32-WSD"
@@ -321,3 +328,38 @@ def test_prune_level_is_checked() -> None:
     with pytest.raises(ValueError, match="prune_level"):
         DecisionConfig(prune_level=1.0)
     assert DecisionConfig().prune_level == 0.90 and DecisionConfig().level == 0.95
+
+
+def _cold(snap: Snapshot, config: DecisionConfig) -> list[object]:
+    """decide on copies of every trial view: nothing of an earlier call can be reused."""
+    fresh = tuple(replace(t, steps=t.steps.copy(), bpb=t.bpb.copy()) for t in snap.trials)
+    return _said(decide(replace(snap, trials=fresh), config))
+
+
+def _said(ds: list[Decision]) -> list[object]:
+    return [(d.key, d.reason, repr(sorted(d.numbers.items()))) for d in ds]
+
+
+@PROPS
+@given(snapshots(), st.sampled_from(list(Policy)), st.integers(0, 10_000))
+def test_facts_kept_across_calls_never_change_a_decision(
+    snap: Snapshot, policy: Policy, seed: int
+) -> None:
+    """decide keeps what a trial view says on its own between calls (the daemon hands back
+    the same view while a trial's samples are unchanged): a warm call, and a call after one
+    trial got new samples (a new view, as the sample cache makes), decide as a cold one."""
+    config = cfg(policy)
+    first = _said(decide(snap, config))
+    assert _said(decide(snap, config)) == first == _cold(snap, config)
+    # One trial gets a new sample past every other trial, often the best value of the race
+    # (then it leads, and every other trial's comparison is with a new leader).
+    rng = np.random.default_rng(seed)
+    i = int(rng.integers(len(snap.trials)))
+    t = replace(snap.trials[i], desired_state=DesiredState.RUNNING)
+    last = max(x.last_step for x in snap.trials)
+    low = min(float(x.bpb.min()) for x in snap.trials if len(x.bpb))
+    value = low - 0.1 if rng.random() < 0.7 else float(rng.uniform(low, low + 0.5))
+    grown = replace(t, steps=np.append(t.steps, last + 400), bpb=np.append(t.bpb, value))
+    moved = replace(snap, trials=(*snap.trials[:i], grown, *snap.trials[i + 1 :]))
+    decide(snap, config)  # warm the memo with the old views
+    assert _said(decide(moved, config)) == _cold(moved, config)
