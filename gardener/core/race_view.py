@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,13 +58,12 @@ class Curve:
     values: FloatArray
     reached: int
 
-    @property
-    def name(self) -> str:
-        return self.trial.canon_name
+    name: str = field(init=False)  # the trial's canon name
+    alive: bool = field(init=False)  # the trial is meant to run (read many times per call)
 
-    @property
-    def alive(self) -> bool:
-        return self.trial.desired_state is DesiredState.RUNNING
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.trial.canon_name)
+        object.__setattr__(self, "alive", self.trial.desired_state is DesiredState.RUNNING)
 
 
 def fit_numbers(s: IntArray, v: FloatArray, horizon: int, level: float) -> dict[str, Any]:
