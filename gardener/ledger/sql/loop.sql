@@ -215,9 +215,6 @@ LEFT JOIN LATERAL (
 WHERE t.account = $1 AND ($3::text IS NULL OR t.race = $3)
 ORDER BY t.race, t.canon_name
 
--- name: decisions_count_by_action
-SELECT action, applied, count(*) AS n FROM gardener_decisions GROUP BY action, applied
-
 -- name: snapshot_trials_meta
 -- One race's trials without their samples (the loop's sample cache holds those), with how
 -- many samples each has now: a count above what the cache holds plus what is new by id means
