@@ -150,9 +150,11 @@ class _IdentityMemo:
                 break
 
 
-# Room for the live trials of a large fleet, and their comparisons with a leader.
+# Room for the live trials of a large fleet: their facts, their comparisons with a leader,
+# their levels at a boundary.
 _FACTS = _IdentityMemo(65_536)
 _COMPARISONS = _IdentityMemo(65_536)
+_LEVELS = _IdentityMemo(65_536)
 
 
 def trial_facts(t: TrialView) -> TrialFacts:
@@ -220,13 +222,19 @@ class RaceView:
     def level(self, c: Curve, boundary: int) -> Level | None:
         key = (c.name, boundary)
         if key not in self._levels:
-            self._levels[key] = level_at(
-                c.steps,
-                c.values,
-                boundary,
-                recent_fraction=self.cfg.recent_fraction,
-                min_points=self.cfg.recent_min_points,
-            )
+            how = (boundary, self.cfg.recent_fraction, self.cfg.recent_min_points)
+            lv: Level | None = _LEVELS.get((c.trial,), how)
+            if lv is None:
+                lv = level_at(
+                    c.steps,
+                    c.values,
+                    boundary,
+                    recent_fraction=self.cfg.recent_fraction,
+                    min_points=self.cfg.recent_min_points,
+                )
+                if lv is not None:
+                    _LEVELS.put((c.trial,), lv, how)
+            self._levels[key] = lv
         return self._levels[key]
 
     def fit_all(self, curves: list[Curve], r: int) -> None:
