@@ -4,7 +4,7 @@ and cached levels, fits and states. Built once per call, thrown away after it.""
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -121,50 +121,52 @@ class TrialFacts:
 
 
 class _IdentityMemo:
-    """A bounded memo keyed on the objects themselves, not their contents.
+    """A memo keyed on the objects themselves, not their contents, for as long as they live.
 
     The daemon's sample cache hands ``decide`` the same ``TrialView`` object for a trial whose
     samples and row did not change (and a new one when they did); views and their arrays are
     never changed in place. So facts derived from a view, or a pair of views, can be kept
     across calls at the cost of one dictionary lookup, where hashing the samples would cost
-    as much as deriving the facts again. An entry holds its objects, so an ``id`` cannot be
-    reused while it is in the memo; the oldest entries go first.
+    as much as deriving the facts again. An entry holds its objects weakly and goes when one
+    of them does (so an ``id`` in the memo always names the object it was made for, and the
+    memo never keeps a replaced view's samples alive); ``size`` bounds it all the same.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: OrderedDict[tuple[int, ...], tuple[tuple[object, ...], Any]] = OrderedDict()
+        self.entries: dict[tuple[int, int, tuple[Any, ...]], tuple[object, Any]] = {}
 
-    def get(self, objs: tuple[object, ...], extra: tuple[Any, ...] = ()) -> Any:
-        hit = self.entries.get((*map(id, objs), *extra))
-        if hit is not None and all(a is b for a, b in zip(hit[0], objs, strict=True)):
-            return hit[1]
-        return None
+    def get(self, a: object, b: object = None, extra: tuple[Any, ...] = ()) -> Any:
+        hit = self.entries.get((id(a), id(b), extra))
+        return None if hit is None else hit[1]
 
-    def put(self, objs: tuple[object, ...], value: Any, extra: tuple[Any, ...] = ()) -> None:
-        self.entries[(*map(id, objs), *extra)] = (objs, value)
-        while len(self.entries) > self.size:
-            try:
-                self.entries.popitem(last=False)
-            except KeyError:  # emptied by another thread's call meanwhile
-                break
+    def put(self, a: object, value: Any, b: object = None, extra: tuple[Any, ...] = ()) -> None:
+        key = (id(a), id(b), extra)
+        entries = self.entries
+
+        def gone(_: object) -> None:
+            entries.pop(key, None)
+
+        refs = (weakref.ref(a, gone), None if b is None else weakref.ref(b, gone))
+        if len(entries) >= self.size:
+            entries.clear()  # only when far more views live than any fleet holds
+        entries[key] = (refs, value)
 
 
-# Room for the live trials of a large fleet: their facts, their comparisons with a leader,
-# their levels at a boundary.
-_FACTS = _IdentityMemo(65_536)
-_COMPARISONS = _IdentityMemo(65_536)
-_LEVELS = _IdentityMemo(65_536)
+# Facts, levels at a boundary and comparisons with a leader, of the trial views alive.
+_FACTS = _IdentityMemo(1 << 20)
+_COMPARISONS = _IdentityMemo(1 << 20)
+_LEVELS = _IdentityMemo(1 << 20)
 
 
 def trial_facts(t: TrialView) -> TrialFacts:
     """The facts of one trial's samples (kept while the daemon hands back the same view)."""
-    facts: TrialFacts | None = _FACTS.get((t,))
+    facts: TrialFacts | None = _FACTS.get(t)
     if facts is None:
         c = clean_curve(np.asarray(t.steps), np.asarray(t.bpb))
         spacing = median1(np.diff(c.steps).astype(np.float64)) if len(c.steps) >= 2 else None
         facts = TrialFacts(c, tail_jitter(c.bpb), spacing, curve_digest(c))
-        _FACTS.put((t,), facts)
+        _FACTS.put(t, facts)
     return facts
 
 
@@ -223,7 +225,7 @@ class RaceView:
         key = (c.name, boundary)
         if key not in self._levels:
             how = (boundary, self.cfg.recent_fraction, self.cfg.recent_min_points)
-            lv: Level | None = _LEVELS.get((c.trial,), how)
+            lv: Level | None = _LEVELS.get(c.trial, extra=how)
             if lv is None:
                 lv = level_at(
                     c.steps,
@@ -233,7 +235,7 @@ class RaceView:
                     min_points=self.cfg.recent_min_points,
                 )
                 if lv is not None:
-                    _LEVELS.put((c.trial,), lv, how)
+                    _LEVELS.put(c.trial, lv, extra=how)
             self._levels[key] = lv
         return self._levels[key]
 
@@ -296,10 +298,10 @@ class RaceView:
         if c.name == lead.name:
             return StateReading(SeedState.LEADING, 0.0, 0.0, len(c.steps))
         w = self.cfg.slope_window
-        cmp: Comparison | None = _COMPARISONS.get((c.trial, lead.trial), (w,))
+        cmp: Comparison | None = _COMPARISONS.get(c.trial, lead.trial, (w,))
         if cmp is None:
             cmp = compare(c.steps, c.values, lead.steps, lead.values, w)
-            _COMPARISONS.put((c.trial, lead.trial), cmp, (w,))
+            _COMPARISONS.put(c.trial, cmp, lead.trial, (w,))
         return state_of(cmp, self.cfg)
 
     def rising(self, c: Curve) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from collections import Counter
 from dataclasses import replace
@@ -363,3 +364,18 @@ def test_facts_kept_across_calls_never_change_a_decision(
     moved = replace(snap, trials=(*snap.trials[:i], grown, *snap.trials[i + 1 :]))
     decide(snap, config)  # warm the memo with the old views
     assert _said(decide(moved, config)) == _cold(moved, config)
+
+
+def test_kept_facts_go_with_their_trial_views() -> None:
+    """What decide keeps between calls never keeps a replaced view's samples alive."""
+    from gardener.core import race_view
+
+    memos = (race_view._FACTS, race_view._LEVELS, race_view._COMPARISONS)
+    gc.collect()  # views of earlier tests caught in reference cycles go now, not below
+    before = [len(m.entries) for m in memos]
+    snap = make(40, [450] * 40, [0.01 * i for i in range(40)], rungs=[0] * 40)
+    decide(snap, cfg())
+    grown = [len(m.entries) - b for m, b in zip(memos, before, strict=True)]
+    assert grown[0] == 40 and grown[1] >= 40 and grown[2] >= 39
+    del snap
+    assert [len(m.entries) for m in memos] == before
