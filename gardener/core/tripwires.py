@@ -219,11 +219,14 @@ def check_duplicates(
     """Bit-identical curves under different canon names; the first name (sorted) is kept as
     the original, every other one fires. Curves shorter than ``min_points`` never match.
     ``digests`` (``curve_digest`` of each curve, when the caller keeps them) saves hashing."""
+    least = max(1, min_points)
+    names = [n for n, c in curves.items() if len(c.steps) >= least]
+    keys = [digests[n] if digests is not None else curve_digest(curves[n]) for n in names]
+    if len(set(keys)) == len(keys):  # the common case: no two curves alike
+        return []
     groups: dict[int, list[str]] = defaultdict(list)
-    for name in sorted(curves):
-        c = curves[name]
-        if len(c.steps) >= max(1, min_points):
-            groups[digests[name] if digests is not None else curve_digest(c)].append(name)
+    for key, name in sorted(zip(keys, names, strict=True), key=lambda kn: kn[1]):
+        groups[key].append(name)
     out: list[TripwireEvent] = []
     for names in groups.values():
         while len(names) > 1:  # the same digest: split by the samples themselves

@@ -150,3 +150,19 @@ def test_bpb_only_tripwires_stay_off_for_a_loss() -> None:
     s = Snapshot("r", 0.0, (low, bad))
     loss = {e.kind for e in check_snapshot(s, DecisionConfig(metric="loss"))}
     assert loss == {tw.BAD_SAMPLE}
+
+
+def test_duplicates_are_confirmed_on_the_samples_not_the_digest() -> None:
+    """Curves whose digests collide are told apart by their samples; of three alike, the
+    first name is the original and the other two fire."""
+    s = np.asarray([10, 20, 30, 40, 50], dtype=np.int64)
+    a = tw.CleanCurve(s, np.asarray([3.0, 2.9, 2.8, 2.7, 2.6]))
+    b = tw.CleanCurve(s, np.asarray([3.0, 2.9, 2.8, 2.7, 2.5]))
+    curves = {"d-seed4": a, "a-seed1": a, "b-seed2": b, "c-seed3": a}
+    same = {name: 7 for name in curves}  # every digest collides
+    events = tw.check_duplicates(curves, 5, same)
+    assert {(e.canon_name, e.evidence["same_as"]) for e in events} == {
+        ("c-seed3", "a-seed1"),
+        ("d-seed4", "a-seed1"),
+    }
+    assert tw.check_duplicates(curves, 5) == events
