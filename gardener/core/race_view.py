@@ -22,6 +22,7 @@ from gardener.core.tripwires import (
     check_snapshot,
     clean_curve,
     curve_digest,
+    standing_events,
 )
 from gardener.core.types import (
     DesiredState,
@@ -153,10 +154,12 @@ class _IdentityMemo:
         entries[key] = (refs, value)
 
 
-# Facts, levels at a boundary and comparisons with a leader, of the trial views alive.
+# Facts, levels at a boundary, comparisons with a leader and standing tripwires, of the
+# trial views alive.
 _FACTS = _IdentityMemo(1 << 20)
 _COMPARISONS = _IdentityMemo(1 << 20)
 _LEVELS = _IdentityMemo(1 << 20)
+_STANDING = _IdentityMemo(1 << 20)
 
 
 def trial_facts(t: TrialView) -> TrialFacts:
@@ -170,6 +173,18 @@ def trial_facts(t: TrialView) -> TrialFacts:
     return facts
 
 
+def _standing(
+    t: TrialView, c: CleanCurve, config: DecisionConfig, settings: tuple[Any, ...]
+) -> list[TripwireEvent]:
+    """``tripwires.standing_events`` of a trial, kept while its view and the settings they
+    read (``settings``) are the same."""
+    events: list[TripwireEvent] | None = _STANDING.get(t, extra=settings)
+    if events is None:
+        events = standing_events(t, c, config, settings[4], settings[5])
+        _STANDING.put(t, events, extra=settings)
+    return events
+
+
 class RaceView:
     """Curves of one snapshot as ``decide`` sees them, with the caches of one call."""
 
@@ -179,7 +194,18 @@ class RaceView:
         self.facts: dict[str, TrialFacts] = {t.canon_name: trial_facts(t) for t in trials}
         self.clean: dict[str, CleanCurve] = {n: f.clean for n, f in self.facts.items()}
         digests = {n: f.digest for n, f in self.facts.items()}
-        self.events = check_snapshot(snapshot, config, self.clean, digests)
+        settings = (
+            config.is_bpb,
+            config.leak_bpb,
+            config.architectural_floor_bpb,
+            config.gf16_min_hidden,
+            snapshot.expected_corpus_sha256,
+            snapshot.expected_corpus,
+        )
+        standing = {
+            t.canon_name: _standing(t, self.clean[t.canon_name], config, settings) for t in trials
+        }
+        self.events = check_snapshot(snapshot, config, self.clean, digests, standing)
         reviewed = snapshot.reviewed_tripwires
         self.active: list[TripwireEvent] = [
             e for e in snapshot.open_tripwires if e.key not in reviewed
@@ -291,17 +317,24 @@ class RaceView:
 
         return min(at_top, key=key)
 
-    def state(self, c: Curve) -> StateReading:
+    def comparison(self, c: Curve) -> Comparison | None:
+        """``c`` against the leader (None for the leader itself, or without one)."""
         lead = self.leader
-        if lead is None:
-            return StateReading(SeedState.UNKNOWN, None, None, 0)
-        if c.name == lead.name:
-            return StateReading(SeedState.LEADING, 0.0, 0.0, len(c.steps))
+        if lead is None or c.name == lead.name:
+            return None
         w = self.cfg.slope_window
         cmp: Comparison | None = _COMPARISONS.get(c.trial, lead.trial, (w,))
         if cmp is None:
             cmp = compare(c.steps, c.values, lead.steps, lead.values, w)
             _COMPARISONS.put(c.trial, cmp, lead.trial, (w,))
+        return cmp
+
+    def state(self, c: Curve) -> StateReading:
+        cmp = self.comparison(c)
+        if cmp is None:
+            if self.leader is None:
+                return StateReading(SeedState.UNKNOWN, None, None, 0)
+            return StateReading(SeedState.LEADING, 0.0, 0.0, len(c.steps))
         return state_of(cmp, self.cfg)
 
     def rising(self, c: Curve) -> bool:

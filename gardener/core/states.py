@@ -115,6 +115,18 @@ def compare(
     )
 
 
+def may_diverge(cmp: Comparison, config: DecisionConfig) -> bool:
+    """Whether ``state_of`` can say DIVERGING: behind by more than the tie band and the gap
+    growing faster than the limit over a full window (a cheap test before the reading)."""
+    return (
+        cmp.delta is not None
+        and cmp.delta > config.tied_band
+        and cmp.slope is not None
+        and cmp.common_points >= config.slope_window
+        and cmp.slope > config.diverging_slope
+    )
+
+
 def state_of(cmp: Comparison, config: DecisionConfig) -> StateReading:
     """The plan's table on a comparison, with the config's thresholds."""
     if cmp.delta is None:

@@ -124,6 +124,34 @@ def check_trial(
     The floor, the leak and the GF16 format rule are about BPB: they apply only when the
     race's metric is ``bpb`` (any other lower-is-better metric has no such absolute scale)."""
     c = curve if curve is not None else clean_curve(trial.steps, trial.bpb)
+    out = standing_events(
+        trial, c, config, snapshot.expected_corpus_sha256, snapshot.expected_corpus
+    )
+    stall = stall_event(trial, snapshot.now, config)
+    return out if stall is None else [*out, stall]
+
+
+def stall_event(trial: TrialView, now: float, config: DecisionConfig) -> TripwireEvent | None:
+    """The one per-trial tripwire that depends on the clock: a running trial gone silent."""
+    running = trial.desired_state.value == "running" and trial.observed_state == "running"
+    if running and trial.last_sample_at is not None:
+        silent = now - trial.last_sample_at
+        if silent > config.stall_timeout_s:
+            return TripwireEvent(
+                STALLED, trial.canon_name, {"silent_s": silent, "timeout_s": config.stall_timeout_s}
+            )
+    return None
+
+
+def standing_events(
+    trial: TrialView,
+    c: CleanCurve,
+    config: DecisionConfig,
+    expected_sha256: str | None,
+    expected_corpus: str | None,
+) -> list[TripwireEvent]:
+    """The per-trial tripwires that depend on the trial and the race's settings only (all
+    but the stall): the same for as long as the trial's view is."""
     name = trial.canon_name
     out: list[TripwireEvent] = []
     if c.bad:
@@ -163,16 +191,7 @@ def check_trial(
                     True,
                 )
             )
-    running = trial.desired_state.value == "running" and trial.observed_state == "running"
-    if running and trial.last_sample_at is not None:
-        silent = snapshot.now - trial.last_sample_at
-        if silent > config.stall_timeout_s:
-            out.append(
-                TripwireEvent(
-                    STALLED, name, {"silent_s": silent, "timeout_s": config.stall_timeout_s}
-                )
-            )
-    expected = snapshot.expected_corpus_sha256
+    expected = expected_sha256
     if expected is not None:
         if trial.corpus_sha256 is None:
             if len(c.steps):
@@ -183,13 +202,13 @@ def check_trial(
                     CORPUS_MISMATCH, name, {"expected": expected, "reported": trial.corpus_sha256}
                 )
             )
-    elif snapshot.expected_corpus is not None and trial.corpus is not None:
-        if trial.corpus != snapshot.expected_corpus:
+    elif expected_corpus is not None and trial.corpus is not None:
+        if trial.corpus != expected_corpus:
             out.append(
                 TripwireEvent(
                     CORPUS_MISMATCH,
                     name,
-                    {"expected_name": snapshot.expected_corpus, "reported_name": trial.corpus},
+                    {"expected_name": expected_corpus, "reported_name": trial.corpus},
                 )
             )
     if (
@@ -254,8 +273,11 @@ def check_snapshot(
     config: DecisionConfig,
     curves: dict[str, CleanCurve] | None = None,
     digests: Mapping[str, int] | None = None,
+    standing: Mapping[str, list[TripwireEvent]] | None = None,
 ) -> list[TripwireEvent]:
-    """All tripwires of a snapshot, except those a person already reviewed; sorted by key."""
+    """All tripwires of a snapshot, except those a person already reviewed; sorted by key.
+    ``digests`` and ``standing`` (each trial's ``standing_events``), when the caller keeps
+    them, save recomputing what did not change."""
     cs = (
         curves
         if curves is not None
@@ -263,7 +285,13 @@ def check_snapshot(
     )
     events: list[TripwireEvent] = []
     for t in snapshot.trials:
-        events.extend(check_trial(t, snapshot, config, cs[t.canon_name]))
+        if standing is None:
+            events.extend(check_trial(t, snapshot, config, cs[t.canon_name]))
+            continue
+        events.extend(standing[t.canon_name])
+        stall = stall_event(t, snapshot.now, config)
+        if stall is not None:
+            events.append(stall)
     events.extend(check_duplicates(cs, config.duplicate_min_points, digests))
     fresh = [e for e in events if e.key not in snapshot.reviewed_tripwires]
     return sorted(fresh, key=lambda e: e.key)

@@ -370,12 +370,35 @@ def test_kept_facts_go_with_their_trial_views() -> None:
     """What decide keeps between calls never keeps a replaced view's samples alive."""
     from gardener.core import race_view
 
-    memos = (race_view._FACTS, race_view._LEVELS, race_view._COMPARISONS)
+    memos = (race_view._FACTS, race_view._LEVELS, race_view._COMPARISONS, race_view._STANDING)
     gc.collect()  # views of earlier tests caught in reference cycles go now, not below
     before = [len(m.entries) for m in memos]
     snap = make(40, [450] * 40, [0.01 * i for i in range(40)], rungs=[0] * 40)
     decide(snap, cfg())
     grown = [len(m.entries) - b for m, b in zip(memos, before, strict=True)]
-    assert grown[0] == 40 and grown[1] >= 40 and grown[2] >= 39
+    assert grown[0] == grown[3] == 40 and grown[1] >= 40 and grown[2] >= 39
     del snap
     assert [len(m.entries) for m in memos] == before
+
+
+def test_kept_tripwires_follow_the_settings_not_only_the_view() -> None:
+    """The same trial views under another expected corpus or metric give that setting's
+    tripwires (what decide keeps per view is keyed on the settings it read)."""
+    snap = make(3, [450] * 3, [0.0, 0.05, 0.1], rungs=[0] * 3)
+    low = replace(snap.trials[2], bpb=snap.trials[2].bpb - 1.0, corpus_sha256="aa")
+    snap = replace(snap, trials=(*snap.trials[:2], low))
+
+    def kinds(s: Snapshot, config: DecisionConfig) -> set[tuple[str, str]]:
+        return {
+            (d.tripwire.kind, d.canon_name)
+            for d in decide(s, config)
+            if d.action is Action.TRIPWIRE and d.tripwire is not None
+        }
+
+    name = low.canon_name
+    assert ("below_floor", name) in kinds(snap, cfg())
+    assert ("below_floor", name) not in kinds(snap, replace(cfg(), metric="loss"))
+    assert ("corpus_mismatch", name) not in kinds(
+        replace(snap, expected_corpus_sha256="aa"), cfg()
+    )
+    assert ("corpus_mismatch", name) in kinds(replace(snap, expected_corpus_sha256="bb"), cfg())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gardener.core import states
 from gardener.core.config import DecisionConfig
-from gardener.core.states import classify, trend
+from gardener.core.states import Comparison, classify, may_diverge, trend
 from gardener.core.types import SeedState
 
 CFG = DecisionConfig()
@@ -72,3 +75,19 @@ def test_trend_is_the_least_squares_slope() -> None:
     x = np.array([0, 1, 2, 3], dtype=np.int64)
     assert trend(x, np.array([1.0, 3.0, 5.0, 7.0])) == 2.0
     assert trend(x[:1], np.array([1.0])) is None
+
+
+@given(
+    st.one_of(st.none(), st.floats(-1, 1)),
+    st.one_of(st.none(), st.floats(-0.01, 0.01)),
+    st.integers(0, 12),
+    st.floats(0, 1000),
+)
+def test_may_diverge_is_exactly_when_the_state_is_diverging(
+    delta: float | None, slope: float | None, n: int, span: float
+) -> None:
+    """The DIVERGING pass skips a trial on ``may_diverge`` alone: it must agree with the
+    table."""
+    cmp = Comparison(delta, slope, n if delta is not None else 0, span)
+    cfg = DecisionConfig(tied_band=0.005, diverging_slope=0.001, slope_window=8)
+    assert may_diverge(cmp, cfg) == (states.state_of(cmp, cfg).state is SeedState.DIVERGING)
