@@ -79,3 +79,31 @@ def test_the_check_catches_a_machine_path(text: str) -> None:
 )
 def test_the_check_allows_what_every_machine_has(text: str) -> None:
     assert machine_paths(text) == []
+
+
+PARENTS = re.compile(r"\.parents\[(\d+)\]")
+
+
+def climbs_out(relative: Path, text: str) -> list[str]:
+    """``Path(__file__).parents[k]`` in the file at ``relative`` (from the repository's
+    root) that reaches above the root: ``parents[len(relative.parts) - 1]`` is the root."""
+    return [m.group(0) for m in PARENTS.finditer(text)
+            if int(m.group(1)) >= len(relative.parts)]
+
+
+def test_no_python_file_climbs_out_of_the_repository() -> None:
+    found = {}
+    for path in _tracked_files():
+        if path.suffix != ".py" or not path.exists() or path == Path(__file__).resolve():
+            continue
+        rel = path.relative_to(ROOT)
+        hits = climbs_out(rel, path.read_text(encoding="utf-8", errors="replace"))
+        if hits:
+            found[str(rel)] = hits
+    assert found == {}, f"paths above the repository: {found}"
+
+
+def test_the_climb_check_knows_where_the_root_is() -> None:
+    here = Path("tests/unit/test_x.py")
+    assert climbs_out(here, 'Path(__file__).resolve().parents[3] / "shared"') == [".parents[3]"]
+    assert climbs_out(here, "Path(__file__).resolve().parents[2]") == []
