@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,19 +52,15 @@ def num(x: float | None) -> float | None:
     return xf if math.isfinite(xf) else None
 
 
-@dataclass(frozen=True)
-class Curve:
+class Curve(NamedTuple):
+    """A trial's cleaned curve in one call (a tuple: thousands are made per call)."""
+
     trial: TrialView
     steps: IntArray
     values: FloatArray
-    reached: int
-
-    name: str = field(init=False)  # the trial's canon name
-    alive: bool = field(init=False)  # the trial is meant to run (read many times per call)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "name", self.trial.canon_name)
-        object.__setattr__(self, "alive", self.trial.desired_state is DesiredState.RUNNING)
+    reached: int  # the highest rung its samples reached
+    name: str  # the trial's canon name
+    alive: bool  # the trial is meant to run
 
 
 def fit_numbers(s: IntArray, v: FloatArray, horizon: int, level: float) -> dict[str, Any]:
@@ -216,7 +212,9 @@ class RaceView:
             c = self.clean[t.canon_name]
             if t.canon_name in quarantined or len(c.steps) == 0:
                 continue
-            self.curves.append(Curve(t, c.steps, c.bpb, rung_reached(config, int(c.steps[-1]))))
+            reached = rung_reached(config, int(c.steps[-1]))
+            alive = t.desired_state is DesiredState.RUNNING
+            self.curves.append(Curve(t, c.steps, c.bpb, reached, t.canon_name, alive))
         self.by_name = {c.name: c for c in self.curves}
         self.unit = 0.0  # the race's typical jitter (set for the gardener policy)
         self.cfg = self._state_config(config)

@@ -146,7 +146,7 @@ class _RaceSamples:
     mark: int = 0  # the highest sample id merged into the cache
     trials: dict[tuple[str, int], _TrialSamples] = field(default_factory=dict)
     # The last view of each trial with the row it came from: reused while both are unchanged.
-    views: dict[tuple[str, int], tuple[tuple[Any, ...], _TrialSamples, TrialView]] = field(
+    views: dict[tuple[str, int], tuple[Mapping[str, Any], _TrialSamples, TrialView]] = field(
         default_factory=dict
     )
 
@@ -243,10 +243,10 @@ async def _cached_trials(
                 mark = max(mark, int(f["max_id"]))
         cache.full_reads += len(again)
     views = []
-    now_views: dict[tuple[str, int], tuple[tuple[Any, ...], _TrialSamples, TrialView]] = {}
+    now_views: dict[tuple[str, int], tuple[Mapping[str, Any], _TrialSamples, TrialView]] = {}
     for r, key in zip(rows, keys, strict=True):
         s = now_held[key]
-        sig = tuple(r.values())
+        sig = r  # a row compares equal to a row with the same values (asyncpg's Record)
         last = held.views.get(key)
         if last is not None and last[1] is s and last[0] == sig:
             view = last[2]

@@ -645,3 +645,28 @@ async def test_decides_without_a_crossing_take_a_bounded_share_of_the_ticker(
     t._cost["r1"] = 0.005
     assert t._soft_interval("r1") == 10.0
     assert Ticker(pool, Settings(), min_interval=10.0, soft_share=None)._soft_interval("r0") == 10.0
+
+
+async def test_the_sample_cache_hands_back_the_same_view_of_an_unchanged_trial(
+    conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """decide keeps what a view says while it gets the same view object: an unchanged trial
+    keeps its view, one with a new sample or a changed row gets a new one."""
+    names = await make_race(conn, "r-views", 3, first_exp=970, first_seed=970)
+    for i, name in enumerate(names):
+        await add_samples(conn, name, curve(0.03 * i, 30, seed=i))
+    race = await race_row(conn, "r-views")
+    cache = SampleCache()
+
+    async def views() -> dict[str, object]:
+        snap = await load_snapshot(conn, race, paused=False, now=0.0, cache=cache)
+        return {t.canon_name: t for t in snap.trials}
+
+    first = await views()
+    again = await views()
+    assert all(again[n] is first[n] for n in names)
+    await add_samples(conn, names[0], [(35, 2.3)])
+    await conn.execute("UPDATE igla_race_trials SET rung = 0 WHERE canon_name = $1", names[1])
+    moved = await views()
+    assert moved[names[0]] is not first[names[0]] and moved[names[1]] is not first[names[1]]
+    assert moved[names[2]] is first[names[2]]
