@@ -13,7 +13,6 @@ handling turned off (the daemon owns it).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import socket
 from collections.abc import Generator
 from typing import Any
@@ -28,6 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gardener import view
+from gardener.ingest import http as ingest_http
+from gardener.ingest.writer import SampleWriter
 from gardener.ledger import migrate
 from gardener.loop.control import LoopState
 from gardener.settings import Settings
@@ -35,27 +37,14 @@ from gardener.settings import Settings
 log = structlog.get_logger("gardener.loop.http")  # lazy: resolved after logs.configure
 
 
-def ingest_routes(writer: Any, settings: Settings) -> list[BaseRoute]:
-    """Ingest's routes (``routes(writer, settings)``), wherever the ingest package keeps them."""
-    for module in ("gardener.ingest.http", "gardener.ingest.routes", "gardener.ingest.api"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        make = getattr(mod, "routes", None)
-        if callable(make):
-            return list(make(writer, settings))
-    log.warning("ingest_routes_missing", note="POST /v1/samples is not served")
-    return []
+def ingest_routes(writer: SampleWriter, settings: Settings) -> list[BaseRoute]:
+    """Ingest's ``POST /v1/samples`` (gardener/ingest/http.py)."""
+    return list(ingest_http.routes(writer, settings))
 
 
 def view_routes(pool: asyncpg.Pool, settings: Settings, state: LoopState) -> list[BaseRoute]:
     """The race view (``/`` and ``/api/*``, gardener/view); its event streams end on stop."""
-    from gardener.view import routes
-
-    return routes(pool, settings, stop=state.stop)
+    return view.routes(pool, settings, stop=state.stop)
 
 
 def make_app(

@@ -293,7 +293,7 @@ async def _race(
     deadline = t0 + cfg.wallclock_s
 
     async def daemon() -> None:  # the race's page (address printed); ingest where trainers post
-        from gardener.view.launch import serve_with_page
+        from gardener.race.page import serve_with_page
 
         await serve_with_page(serve_fn, settings, race, dsn=dsn, stop=stop,
                               install_signal_handlers=False,
