@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -115,6 +115,9 @@ class TrialFacts:
     jitter: float  # its term of the race's typical jitter (``levels.tail_jitter``)
     spacing: float | None  # median step between samples (None below two samples)
     digest: int  # ``tripwires.curve_digest`` of the clean curve
+    # What was derived from the trial under given settings: ("level", boundary, ...) ->
+    # Level, ("standing", settings) -> tripwire events. Kept with the facts, one lookup.
+    derived: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False)
 
 
 class _IdentityMemo:
@@ -150,12 +153,10 @@ class _IdentityMemo:
         entries[key] = (refs, value)
 
 
-# Facts, levels at a boundary, comparisons with a leader and standing tripwires, of the
-# trial views alive.
+# The facts (with what was derived from them) and the comparisons with a leader of the trial
+# views alive.
 _FACTS = _IdentityMemo(1 << 20)
 _COMPARISONS = _IdentityMemo(1 << 20)
-_LEVELS = _IdentityMemo(1 << 20)
-_STANDING = _IdentityMemo(1 << 20)
 
 
 def trial_facts(t: TrialView) -> TrialFacts:
@@ -170,14 +171,15 @@ def trial_facts(t: TrialView) -> TrialFacts:
 
 
 def _standing(
-    t: TrialView, c: CleanCurve, config: DecisionConfig, settings: tuple[Any, ...]
+    t: TrialView, f: TrialFacts, config: DecisionConfig, settings: tuple[Any, ...]
 ) -> list[TripwireEvent]:
     """``tripwires.standing_events`` of a trial, kept while its view and the settings they
     read (``settings``) are the same."""
-    events: list[TripwireEvent] | None = _STANDING.get(t, extra=settings)
+    key = ("standing", settings)
+    events: list[TripwireEvent] | None = f.derived.get(key)
     if events is None:
-        events = standing_events(t, c, config, settings[4], settings[5])
-        _STANDING.put(t, events, extra=settings)
+        events = standing_events(t, f.clean, config, settings[4], settings[5])
+        f.derived[key] = events
     return events
 
 
@@ -199,7 +201,7 @@ class RaceView:
             snapshot.expected_corpus,
         )
         standing = {
-            t.canon_name: _standing(t, self.clean[t.canon_name], config, settings) for t in trials
+            t.canon_name: _standing(t, self.facts[t.canon_name], config, settings) for t in trials
         }
         self.events = check_snapshot(snapshot, config, self.clean, digests, standing)
         reviewed = snapshot.reviewed_tripwires
@@ -248,9 +250,11 @@ class RaceView:
     def level(self, c: Curve, boundary: int) -> Level | None:
         key = (c.name, boundary)
         if key not in self._levels:
-            how = (boundary, self.cfg.recent_fraction, self.cfg.recent_min_points)
-            lv: Level | None = _LEVELS.get(c.trial, extra=how)
-            if lv is None:
+            how = ("level", boundary, self.cfg.recent_fraction, self.cfg.recent_min_points)
+            derived = self.facts[c.name].derived
+            if how in derived:
+                lv: Level | None = derived[how]
+            else:
                 lv = level_at(
                     c.steps,
                     c.values,
@@ -258,8 +262,7 @@ class RaceView:
                     recent_fraction=self.cfg.recent_fraction,
                     min_points=self.cfg.recent_min_points,
                 )
-                if lv is not None:
-                    _LEVELS.put(c.trial, lv, extra=how)
+                derived[how] = lv
             self._levels[key] = lv
         return self._levels[key]
 
