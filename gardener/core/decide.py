@@ -26,7 +26,7 @@ from gardener.core.race_view import RaceView
 from gardener.core.replay import apply_to_snapshot
 from gardener.core.rung_decisions import rung_decisions
 from gardener.core.seeds import REPLACE_ORDER
-from gardener.core.states import may_diverge
+from gardener.core.states import may_diverge, state_of
 from gardener.core.tripwires import FLOOR_KINDS
 from gardener.core.types import Action, Decision, NewTrial, SeedState, Snapshot
 
@@ -45,7 +45,7 @@ def _diverging(view: RaceView, out: list[Decision]) -> set[str]:
         cmp = view.comparison(c)
         if cmp is None or not may_diverge(cmp, view.cfg):
             continue  # the common case, without building a state reading
-        st = view.state(c)
+        st = state_of(cmp, view.cfg)
         if st.state is not SeedState.DIVERGING or not view.rising(c):
             continue
         r = max(c.trial.rung, c.reached)

@@ -41,28 +41,10 @@ class Level:
     last_step: int
 
 
-def _median_rows(a: FloatArray, counts: IntArray) -> FloatArray:
-    """Row medians of ``a`` whose row ``i`` holds ``counts[i]`` values then padding (+inf)."""
-    srt = np.sort(a, axis=1)
-    rows = np.arange(len(a))
-    lo = srt[rows, (counts - 1) // 2]
-    hi = srt[rows, counts // 2]
-    out: FloatArray = (lo + hi) / 2
-    return out
-
-
-def _jitters(tails: list[FloatArray]) -> FloatArray:
-    """The jitter of each curve tail (at least 3 samples each), in one vectorised pass."""
-    width = max(len(t) for t in tails) - 2
-    d2 = np.full((len(tails), width), np.inf)
-    counts = np.array([len(t) - 2 for t in tails], dtype=np.int64)
-    for i, t in enumerate(tails):
-        d2[i, : len(t) - 2] = np.diff(t, 2)
-    med = _median_rows(d2, counts)
-    dev = np.abs(d2 - med[:, None])
-    dev[~np.isfinite(d2)] = np.inf
-    out: FloatArray = _median_rows(dev, counts) * (MAD_TO_SD / math.sqrt(6.0))
-    return out
+def _d2_mad(tail: FloatArray) -> float:
+    """The median absolute deviation of a curve tail's second differences."""
+    d2 = np.diff(tail, 2)
+    return median1(np.abs(d2 - median1(d2)))
 
 
 def jitter(values: FloatArray) -> float:
@@ -70,12 +52,10 @@ def jitter(values: FloatArray) -> float:
     v = values[-JITTER_POINTS:]
     if len(v) < JITTER_MIN_POINTS:
         return math.nan
-    d2 = np.diff(v, 2)
-    dev = np.abs(d2 - median1(d2))
     # A median absolute deviation of k values is itself uncertain (relative sd about
     # 1.1/sqrt(k)): one such sd on top keeps a short curve from looking quieter than it is.
-    small = 1.0 + 1.1 / math.sqrt(len(d2))
-    return median1(dev) * MAD_TO_SD / math.sqrt(6.0) * small
+    small = 1.0 + 1.1 / math.sqrt(len(v) - 2)
+    return _d2_mad(v) * MAD_TO_SD / math.sqrt(6.0) * small
 
 
 def median1(a: FloatArray) -> float:
@@ -86,25 +66,17 @@ def median1(a: FloatArray) -> float:
     return float(part[k]) if n % 2 else float(part[k - 1] + part[k]) / 2
 
 
-def typical_jitter(curves: list[FloatArray]) -> float:
-    """The median jitter over curves (one vectorised pass; curves with < 3 samples skipped)."""
-    tails = [c[-JITTER_POINTS:] for c in curves if len(c) >= JITTER_MIN_POINTS]
-    if not tails:
-        return 0.0
-    return float(np.median(_jitters(tails)))
-
-
 def tail_jitter(values: FloatArray) -> float:
-    """One curve's term of ``typical_jitter`` (NaN when it is too short to count): the median
-    of these over a cohort is ``typical_jitter`` of it, bit for bit."""
+    """One curve's term of a race's typical jitter: ``jitter`` without the small-sample
+    inflation (NaN when the curve is too short to count)."""
     if len(values) < JITTER_MIN_POINTS:
         return math.nan
-    d2 = np.diff(values[-JITTER_POINTS:], 2)
-    return median1(np.abs(d2 - median1(d2))) * (MAD_TO_SD / math.sqrt(6.0))
+    return _d2_mad(values[-JITTER_POINTS:]) * (MAD_TO_SD / math.sqrt(6.0))
 
 
 def median_jitter(jitters: list[float]) -> float:
-    """``typical_jitter`` from the curves' ``tail_jitter`` values (NaNs skipped)."""
+    """A race's typical jitter: the median of its curves' ``tail_jitter`` (NaNs skipped; 0
+    when none is known)."""
     known = [j for j in jitters if not math.isnan(j)]
     return float(np.median(known)) if known else 0.0
 

@@ -116,21 +116,6 @@ def clean_curve(steps: IntArray, bpb: FloatArray) -> CleanCurve:
     return CleanCurve(ks, kv, tuple(bad), tuple(back), tuple(conf))
 
 
-def check_trial(
-    trial: TrialView, snapshot: Snapshot, config: DecisionConfig, curve: CleanCurve | None = None
-) -> list[TripwireEvent]:
-    """Every per-trial tripwire: bad samples, step order, floor, leak, stall, corpus, L-R9.
-
-    The floor, the leak and the GF16 format rule are about BPB: they apply only when the
-    race's metric is ``bpb`` (any other lower-is-better metric has no such absolute scale)."""
-    c = curve if curve is not None else clean_curve(trial.steps, trial.bpb)
-    out = standing_events(
-        trial, c, config, snapshot.expected_corpus_sha256, snapshot.expected_corpus
-    )
-    stall = stall_event(trial, snapshot.now, config)
-    return out if stall is None else [*out, stall]
-
-
 def stall_event(trial: TrialView, now: float, config: DecisionConfig) -> TripwireEvent | None:
     """The one per-trial tripwire that depends on the clock: a running trial gone silent."""
     running = trial.desired_state.value == "running" and trial.observed_state == "running"
@@ -151,7 +136,9 @@ def standing_events(
     expected_corpus: str | None,
 ) -> list[TripwireEvent]:
     """The per-trial tripwires that depend on the trial and the race's settings only (all
-    but the stall): the same for as long as the trial's view is."""
+    but the stall): bad samples, step order, floor, leak, corpus, L-R9; the same for as long
+    as the trial's view is. The floor, the leak and the GF16 format rule are about BPB: they
+    apply only when the race's metric is ``bpb``."""
     name = trial.canon_name
     out: list[TripwireEvent] = []
     if c.bad:
@@ -285,10 +272,18 @@ def check_snapshot(
     )
     events: list[TripwireEvent] = []
     for t in snapshot.trials:
-        if standing is None:
-            events.extend(check_trial(t, snapshot, config, cs[t.canon_name]))
-            continue
-        events.extend(standing[t.canon_name])
+        if standing is not None:
+            events.extend(standing[t.canon_name])
+        else:
+            events.extend(
+                standing_events(
+                    t,
+                    cs[t.canon_name],
+                    config,
+                    snapshot.expected_corpus_sha256,
+                    snapshot.expected_corpus,
+                )
+            )
         stall = stall_event(t, snapshot.now, config)
         if stall is not None:
             events.append(stall)
