@@ -18,9 +18,18 @@ a trial's level, centred on its cohort, moves by about ``1.3 * (1 - f)^2`` sprea
 it per data set and per half; docs/backtest.md). ``z`` is the normal quantile of
 ``prune_level``, the one risk knob.
 
+A trial below the cut also goes when keeping it is not worth its compute: the most it can
+still be expected to gain over the cut by the horizon (``expected_gain``: the mean of how far
+it may end below the cut, over the same ``sd``) is less than the price of its remaining share
+of the horizon, ``PRICE_PER_RISK * (1 - prune_level) * (1 - f)`` times the cohort's gap from
+its mean level to its best (the scale on which a pick is judged: 0 the best, the mean a random
+one). Near ties late in a race go this way (there is little left to gain between them), while
+early, with the reshuffling still ahead, the expected gain stays large.
+
 So a seed race (levels within the noise) keeps nearly everyone; a config race prunes the
 trials that stand clear of the pack at once, and cuts deeper as the horizon nears. Everything
-is in the race's own units (spread, jitter), so it carries from BPB to any loss.
+is in the race's own units (spread, jitter, the cohort's own levels), so it carries from BPB
+to any loss.
 """
 
 from __future__ import annotations
@@ -39,6 +48,11 @@ from gardener.core.levels import MAD_TO_SD, Level
 # races is 1.15 at f = 0.1 and 0.73 at 0.2 (IGLA seed races: 2.4 and 1.3); measured per data set
 # and per half by bench/backtest_all.py ("reshuffle"), docs/backtest.md.
 RESHUFFLE_PRIOR = 1.3
+# The price of a trial's remaining compute (its share of the horizon still to run), in the
+# cohort's mean-to-best gap, per unit of risk ``1 - prune_level``: at the default 0.90 a trial
+# halfway through the horizon must still be expected to gain 2% of that gap over the cut.
+# Checked on each half of the AlgoPerf and IGLA races apart (docs/backtest.md).
+PRICE_PER_RISK = 0.4
 MIN_MEMBERS = 3  # trials with a level at both ends before the cohort's own estimate counts
 
 
@@ -104,6 +118,8 @@ class Verdict:
     gap: float | None  # level minus the cut's level (None for the cut itself and above)
     sd: float | None  # standard deviation of that gap at the horizon
     bound: float | None  # gap - z * sd: positive means clearly worse
+    gain: float | None = None  # expected_gain(gap, sd): what keeping it may still win
+    worth: float | None = None  # the least gain that pays for its remaining compute
 
     def as_numbers(self) -> dict[str, float | int | bool | None]:
         return {
@@ -112,7 +128,13 @@ class Verdict:
             "gap": self.gap,
             "sd_final": self.sd,
             "bound": self.bound,
+            "expected_gain": self.gain,
+            "worth": self.worth,
         }
+
+    @property
+    def clearly_worse(self) -> bool:
+        return self.bound is not None and self.bound > 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,17 @@ class CutResult:
     remaining_log_steps: float
     reshuffle: Reshuffle
     verdicts: dict[str, Verdict]
+    scale: float = 0.0  # the cohort's mean level minus its best
+    price: float = 0.0  # the least gain worth the rest of the horizon, per share of it and scale
+
+
+def expected_gain(gap: float, sd: float) -> float:
+    """How far below the cut a trial may be expected to end, ``E[max(0, -(gap + e))]`` for
+    ``e ~ N(0, sd^2)``: the most keeping it can win over the trial at the cut."""
+    if not sd > 0:
+        return max(0.0, -gap)
+    u = gap / sd
+    return float(sd * math.exp(-0.5 * u * u) / math.sqrt(2 * math.pi) - gap * special.ndtr(-u))
 
 
 def _with_known_se(levels: Mapping[str, Level]) -> dict[str, Level]:
@@ -173,6 +206,10 @@ def cut(
     remaining = max(0.0, math.log(max(horizon, boundary) / boundary))
     z = float(special.ndtri(prune_level))
     cut_name = ranked[keep - 1] if len(ranked) >= keep else None
+    values = [lv.value for lv in levels.values()]
+    scale = float(np.mean(values) - min(values)) if values else 0.0
+    price = PRICE_PER_RISK * (1.0 - prune_level)
+    left = 1.0 - min(max(boundary / max(horizon, 1), 0.0), 1.0)
     verdicts: dict[str, Verdict] = {}
     for i, name in enumerate(ranked):
         below = cut_name is not None and i >= keep
@@ -189,6 +226,7 @@ def cut(
             se2 = min(se2, pair**2)
         sd = math.sqrt(se2 + 2.0 * rs.rate)
         bound = gap - z * sd
-        prune = bound > 0 and name not in protected
-        verdicts[name] = Verdict(name, i + 1, True, prune, gap, sd, bound)
-    return CutResult(keep, expected, cut_name, z, remaining, rs, verdicts)
+        gain, worth = expected_gain(gap, sd), price * left * scale
+        prune = (bound > 0 or gain < worth) and name not in protected
+        verdicts[name] = Verdict(name, i + 1, True, prune, gap, sd, bound, gain, worth)
+    return CutResult(keep, expected, cut_name, z, remaining, rs, verdicts, scale, price)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import random
 from collections import Counter
 from dataclasses import replace
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from gardener.core.config import DecisionConfig, Policy, RungRule, rules_for
 from gardener.core.decide import apply_to_snapshot, decide, leader_of
+from gardener.core.promotion import expected_gain
 from gardener.core.seeds import phi_seed
 from gardener.core.types import (
     Action,
@@ -218,10 +220,33 @@ def test_gardener_keeps_what_it_cannot_tell_apart_and_prunes_clear_losers() -> N
     close = make(6, [400] * 6, [0.0, 0.0005, 0.001, 0.0015, 0.002, 0.0025], noise=0.0005,
                  rungs=[1] * 6)
     assert not [d for d in decide(close, cfg()) if d.action is Action.PRUNE]
-    # Two trials far off a close pack: the cut keeps 2 of 6, and only the clear losers go.
+    # Two trials far off a close pack: the cut keeps 2 of 6. Careful enough that no gain
+    # pays for compute, only the clear losers go.
     far = make(6, [400] * 6, [0.0, 0.001, 0.002, 0.003, 0.6, 0.7], noise=0.001, rungs=[1] * 6)
-    pruned = sorted(d.canon_name[-3:] for d in decide(far, cfg()) if d.action is Action.PRUNE)
-    assert pruned == ["104", "105"]
+    careful = replace(cfg(), prune_level=0.9999)
+    pruned = {d.canon_name[-3:]: d for d in decide(far, careful) if d.action is Action.PRUNE}
+    assert sorted(pruned) == ["104", "105"]
+    assert all("clearly worse" in d.reason for d in pruned.values())
+    # At the default risk the near ties below the cut go as well: next to the two losers, what
+    # they may still gain over the cut is worth less than the rest of their compute.
+    pruned = {d.canon_name[-3:]: d for d in decide(far, cfg()) if d.action is Action.PRUNE}
+    assert sorted(pruned) == ["102", "103", "104", "105"]
+    for name in ("102", "103"):
+        sep = pruned[name].numbers["separation"]
+        assert "not worth its remaining compute" in pruned[name].reason
+        assert sep["bound"] <= 0 < sep["expected_gain"] < sep["worth"]
+
+
+def test_expected_gain_is_the_mean_shortfall_below_the_cut() -> None:
+    rng = np.random.default_rng(3)
+    e = rng.normal(0.0, 1.0, 400_000)
+    for gap, sd in ((0.0, 1.0), (0.5, 2.0), (-0.3, 0.7), (2.0, 0.5)):
+        mc = float(np.mean(np.maximum(0.0, -(gap + sd * e))))
+        assert expected_gain(gap, sd) == pytest.approx(mc, abs=0.01 * sd)
+    assert expected_gain(0.0, 1.0) == pytest.approx(1 / np.sqrt(2 * np.pi))
+    assert expected_gain(0.2, 0.0) == 0.0 and expected_gain(-0.2, 0.0) == pytest.approx(0.2)
+    gains = [expected_gain(g, 1.0) for g in np.linspace(-3, 3, 61)]
+    assert all(a > b for a, b in itertools.pairwise(gains))
 
 
 def test_top3_then_promote_and_mirror_with_fresh_seeds() -> None:
@@ -315,13 +340,17 @@ def test_the_gardener_prunes_on_its_bound_at_prune_level_and_more_at_a_lower_lev
             if d.action is Action.PRUNE and d.numbers.get("cause") == "rung":
                 sep = d.numbers["separation"]
                 z = float(stats.norm.ppf(level))
-                assert sep["below_cut"] and sep["bound"] > 0
+                assert sep["below_cut"] and (sep["bound"] > 0
+                                             or sep["expected_gain"] < sep["worth"])
                 assert abs(sep["bound"] - (sep["gap"] - z * sep["sd_final"])) < 1e-9
+                gain = expected_gain(sep["gap"], sep["sd_final"])
+                assert abs(sep["expected_gain"] - gain) < 1e-12
                 out.add(d.canon_name)
         return out
 
     strict, loose = rung_prunes(0.95), rung_prunes(0.80)
-    # A lower level only raises every bound: whatever the strict level prunes, so does it.
+    # A lower level only raises every bound and the price of compute: whatever the strict
+    # level prunes, so does it.
     assert strict <= loose
 
 
