@@ -253,10 +253,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         load_start = load_avg()
         cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
         lat: list[float] = []
+        began: list[float] = []  # wall clock of each crossing, to find it in the daemon's log
         rng = random.Random(11)
         for name, seed in live[: args.crossings]:
             await insert_sample(writer, name, seed, 500, round(2.2 + rng.uniform(0, 0.1), 4))
             start = time.perf_counter()
+            began.append(time.time())
             while not await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM gardener_decisions WHERE canon_name = $1 "
                 "AND rung = 1)", name):
@@ -289,6 +291,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "max": round(float(a.max()), 1),
                 "mean": round(float(a.mean()), 1),
             },
+            "slowest": [
+                {"ms": round(lat[i], 1), "at": time.strftime(
+                    "%H:%M:%S", time.gmtime(began[i])) + f"{began[i] % 1:.3f}"[1:]}
+                for i in sorted(range(len(lat)), key=lambda i: -lat[i])[:3]
+            ],
             "daemon_cpu_ms_per_crossing": round(1000 * cpu_used / max(1, len(lat)), 1),
             "daemon_cpu_percent_of_core": round(100 * cpu_used / wall, 1),
             "daemon_peak_rss_mb": round(rss, 1),

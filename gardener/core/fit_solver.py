@@ -21,6 +21,7 @@ HOLDOUT_FRACTIONS = (0.5, 0.625, 0.75, 0.875)  # rolling origins of the discrepa
 RHO_MAX = 0.9  # cap on the lag-1 autocorrelation (factor at most 19)
 SINGULAR_DET = 1e-13  # determinant of the scaled normal matrix below which a fit is singular
 
+GRID_BLOCK = 1 << 18  # values (grid points x curves x points) the grid search holds at once
 _P_GRID = np.geomspace(P_MIN, P_MAX, GRID_SIZE)
 _LOG_P_GRID = np.log(_P_GRID)
 
@@ -50,15 +51,18 @@ def _profile_fit(
 
         def prefix(q: FloatArray, segments: list[tuple[int, int]] = segments,
                    pos: IntArray = pos) -> FloatArray:
-            parts = [np.zeros(q.shape[0])] + [q[:, lo:hi].sum(axis=1) for lo, hi in segments]
-            out: FloatArray = np.cumsum(np.stack(parts, axis=1), axis=1)[:, pos]
+            parts = [np.zeros(q.shape[:-1])] + [q[..., lo:hi].sum(axis=-1) for lo, hi in segments]
+            out: FloatArray = np.cumsum(np.stack(parts, axis=-1), axis=-1)[..., pos]
             return out
 
         cn, sy, syy = prefix(mf_g), prefix(z_g), prefix(z_g * z_g)
-        for g, pg in enumerate(_P_GRID):
-            x = np.exp(-pg * ls_g) * mf_g
+        # Several grid points at once (each element computed as one at a time would: the
+        # same products, sums along the same rows), as many as fit in GRID_BLOCK values.
+        block = max(1, GRID_BLOCK // max(1, z_g.size))
+        for g in range(0, GRID_SIZE, block):
+            x = np.exp(-_P_GRID[g : g + block, None, None] * ls_g) * mf_g
             rss = _ls2(cn, prefix(x), prefix(x * x), sy, prefix(x * z_g), syy)[2]
-            rss_grid[g, rows] = np.where(np.isfinite(rss), rss, np.inf)
+            rss_grid[g : g + block, rows] = np.where(np.isfinite(rss), rss, np.inf)
     best = np.argmin(rss_grid, axis=0)
     # Parabolic refinement in log p through the best grid point and its neighbours.
     g0 = np.clip(best, 1, GRID_SIZE - 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -115,6 +116,7 @@ class TrialFacts:
     jitter: float  # its term of the race's typical jitter (``levels.tail_jitter``)
     spacing: float | None  # median step between samples (None below two samples)
     digest: int  # ``tripwires.curve_digest`` of the clean curve
+    last_step: int | None  # the clean curve's last step (None when it has no sample)
     # What was derived from the trial under given settings: ("level", boundary, ...) ->
     # Level, ("standing", settings) -> tripwire events. Kept with the facts, one lookup.
     derived: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False)
@@ -165,7 +167,8 @@ def trial_facts(t: TrialView) -> TrialFacts:
     if facts is None:
         c = clean_curve(np.asarray(t.steps), np.asarray(t.bpb))
         spacing = median1(np.diff(c.steps).astype(np.float64)) if len(c.steps) >= 2 else None
-        facts = TrialFacts(c, tail_jitter(c.bpb), spacing, curve_digest(c))
+        last = int(c.steps[-1]) if len(c.steps) else None
+        facts = TrialFacts(c, tail_jitter(c.bpb), spacing, curve_digest(c), last)
         _FACTS.put(t, facts)
     return facts
 
@@ -188,10 +191,7 @@ class RaceView:
 
     def __init__(self, snapshot: Snapshot, config: DecisionConfig) -> None:
         self.snap = snapshot
-        trials = sorted(snapshot.trials, key=lambda t: t.canon_name)
-        self.facts: dict[str, TrialFacts] = {t.canon_name: trial_facts(t) for t in trials}
-        self.clean: dict[str, CleanCurve] = {n: f.clean for n, f in self.facts.items()}
-        digests = {n: f.digest for n, f in self.facts.items()}
+        trials = sorted(snapshot.trials, key=attrgetter("canon_name"))
         settings = (
             config.is_bpb,
             config.leak_bpb,
@@ -200,9 +200,19 @@ class RaceView:
             snapshot.expected_corpus_sha256,
             snapshot.expected_corpus,
         )
-        standing = {
-            t.canon_name: _standing(t, self.facts[t.canon_name], config, settings) for t in trials
-        }
+        # One pass over the trials (a race of a thousand is walked several times per call).
+        self.facts: dict[str, TrialFacts] = {}
+        self.clean: dict[str, CleanCurve] = {}
+        digests: dict[str, int] = {}
+        standing: dict[str, list[TripwireEvent]] = {}
+        seeds: dict[str, list[int]] = {}
+        for t in trials:
+            name = t.canon_name
+            f = self.facts[name] = trial_facts(t)
+            self.clean[name] = f.clean
+            digests[name] = f.digest
+            standing[name] = _standing(t, f, config, settings)
+            seeds.setdefault(t.variant, []).append(t.seed)
         self.events = check_snapshot(snapshot, config, self.clean, digests, standing)
         reviewed = snapshot.reviewed_tripwires
         self.active: list[TripwireEvent] = [
@@ -210,20 +220,22 @@ class RaceView:
         ] + self.events
         quarantined = {e.canon_name for e in self.active if e.kind in QUARANTINE_KINDS}
         self.curves: list[Curve] = []
+        running = DesiredState.RUNNING
         for t in trials:
-            c = self.clean[t.canon_name]
-            if t.canon_name in quarantined or len(c.steps) == 0:
+            name = t.canon_name
+            f = self.facts[name]
+            if f.last_step is None or name in quarantined:
                 continue
-            reached = rung_reached(config, int(c.steps[-1]))
-            alive = t.desired_state is DesiredState.RUNNING
-            self.curves.append(Curve(t, c.steps, c.bpb, reached, t.canon_name, alive))
+            c = f.clean
+            reached = rung_reached(config, f.last_step)
+            self.curves.append(Curve(t, c.steps, c.bpb, reached, name, t.desired_state is running))
         self.by_name = {c.name: c for c in self.curves}
         self.unit = 0.0  # the race's typical jitter (set for the gardener policy)
         self.cfg = self._state_config(config)
         self.horizon = int(snapshot.horizon or config.rungs[-1])
         self.picker = SeedPicker(snapshot.race, dict(snapshot.used_seeds))
-        for t in trials:
-            self.picker.reserve(t.variant, [t.seed])
+        for variant, taken in seeds.items():
+            self.picker.reserve(variant, taken)
         self._levels: dict[tuple[str, int], Level | None] = {}
         self._fits: dict[tuple[str, int], dict[str, Any]] = {}
         self.leader = self._leader()

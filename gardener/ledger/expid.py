@@ -52,6 +52,11 @@ async def claim(
                 raise UserError("EXP_IDs are exhausted (E2147483647 reached)") from None
             if value is not None:
                 taken.append(int(value))
+            else:
+                # Taken explicitly: move the sequence to just below the next free id, so a
+                # run of ids claimed by name (ten thousand admitted as E0010..E10009) costs
+                # two statements, not a claim per id (1.3 s of round trips at 10,000).
+                await conn.execute(Q.skip_to_exp_id, await next_exp_id(conn) - 1)
     return taken
 
 

@@ -136,10 +136,6 @@ class _TrialSamples:
     bpb: np.ndarray
     last_ts: float | None
 
-    @property
-    def count(self) -> int:
-        return len(self.steps)
-
 
 @dataclass
 class _RaceSamples:
@@ -210,14 +206,21 @@ async def _cached_trials(
             new.setdefault((b["canon_name"], int(b["seed"])), []).append(b)
         if tail:
             mark = max(mark, int(tail[-1]["id"]))
-    keys = [(r["canon_name"], int(r["seed"])) for r in rows]
+    # One pass over the rows: a trial whose row and samples are unchanged (most of a race at
+    # every crossing) gets its last view back at once; the others are settled after the full
+    # reads of the trials whose samples the cache cannot prove it holds.
+    held_trials, held_views = held.trials, held.views
     now_held: dict[tuple[str, int], _TrialSamples] = {}
+    now_views: dict[tuple[str, int], tuple[Mapping[str, Any], _TrialSamples, TrialView]] = {}
+    views: list[TrialView | None] = []
+    later: list[tuple[int, tuple[str, int]]] = []  # (position, key): view made below
     again: list[str] = []
-    for r, key in zip(rows, keys, strict=True):
-        have = held.trials.get(key)
-        add = new.get(key, [])
+    for i, r in enumerate(rows):
+        key = (r["canon_name"], int(r["seed"]))
+        have = held_trials.get(key)
+        add = new.get(key)
         n = int(r["n_samples"])
-        if have is not None and have.count + len(add) == n:
+        if have is not None and len(have.steps) + (len(add) if add else 0) == n:
             if add:
                 last = max(b["ts"] for b in add)
                 have = _TrialSamples(
@@ -226,12 +229,20 @@ async def _cached_trials(
                     last if have.last_ts is None else max(have.last_ts, last),
                 )
             now_held[key] = have
+            seen = held_views.get(key)
+            # A row compares equal to a row with the same values (asyncpg's Record).
+            if seen is not None and seen[1] is have and seen[0] == r:
+                now_views[key] = seen
+                views.append(seen[2])
+                continue
         elif n == 0:
             now_held[key] = _TrialSamples(
                 np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64), None
             )
         else:
             again.append(key[0])
+        views.append(None)
+        later.append((i, key))
     if again:
         for f in await conn.fetch(Q.trial_samples_full, race, again):
             now_held[(f["canon_name"], int(f["seed"]))] = _TrialSamples(
@@ -242,23 +253,16 @@ async def _cached_trials(
             if f["max_id"] is not None:
                 mark = max(mark, int(f["max_id"]))
         cache.full_reads += len(again)
-    views = []
-    now_views: dict[tuple[str, int], tuple[Mapping[str, Any], _TrialSamples, TrialView]] = {}
-    for r, key in zip(rows, keys, strict=True):
-        s = now_held[key]
-        sig = r  # a row compares equal to a row with the same values (asyncpg's Record)
-        last = held.views.get(key)
-        if last is not None and last[1] is s and last[0] == sig:
-            view = last[2]
-        else:
-            silent = r["last_sample_epoch"]
-            if silent is None:
-                silent = s.last_ts if s.last_ts is not None else r["fallback_epoch"]
-            view = _trial_view(r, s.steps, s.bpb, silent)
-        now_views[key] = (sig, s, view)
-        views.append(view)
+    for i, key in later:
+        r, s = rows[i], now_held[key]
+        silent = r["last_sample_epoch"]
+        if silent is None:
+            silent = s.last_ts if s.last_ts is not None else r["fallback_epoch"]
+        view = _trial_view(r, s.steps, s.bpb, silent)
+        now_views[key] = (r, s, view)
+        views[i] = view
     cache.races[race] = _RaceSamples(mark, now_held, now_views)
-    return list(rows), views
+    return list(rows), [v for v in views if v is not None]
 
 
 async def load_snapshot(

@@ -138,6 +138,36 @@ async def test_next_exp_id_skips_a_run_of_explicit_claims(conn: asyncpg.Connecti
     assert await expid.next_exp_id(conn) == 8
 
 
+async def test_a_claim_skips_a_long_run_of_explicit_ids_in_a_few_statements(
+    conn: asyncpg.Connection,
+) -> None:
+    """Ids admitted by name ahead of the sequence (a fleet named E0010..E2009) are skipped in
+    one step: a claim per taken id was 1.3 s of round trips at 10,000."""
+    await conn.execute(
+        "INSERT INTO exp_ids (exp_id, account, claimed_by) "
+        "SELECT g, 'acc1', 'admit' FROM generate_series(7, 2006) g"
+    )
+    queries: list[str] = []
+
+    def logged(record: object) -> None:
+        queries.append(str(record))
+
+    conn.add_query_logger(logged)
+    try:
+        assert await expid.claim(conn, "acc1", 4) == [5, 6, 2007, 2008]
+    finally:
+        conn.remove_query_logger(logged)
+    assert len(queries) < 20
+    await expid.claim_exact(conn, 2010, "acc1", None)
+    assert await expid.claim(conn, "acc1", 2) == [2009, 2011]
+
+
+async def test_the_pool_plans_without_jit(pool: asyncpg.Pool) -> None:
+    """The loop's queries take milliseconds; JIT compiling one (the rescan's stall check at
+    10,000 trials) took 180 ms."""
+    assert await pool.fetchval("SHOW jit") == "off"
+
+
 @pytest.mark.parametrize("slot", [1, 2, 3, 4])
 async def test_champion_slots_are_locked(conn: asyncpg.Connection, slot: int) -> None:
     with pytest.raises(ReusedChampionSlot, match=f"E000{slot}"):

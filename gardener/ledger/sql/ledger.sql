@@ -17,6 +17,11 @@ VALUES (nextval('exp_id_seq'), $1, $2)
 ON CONFLICT (exp_id) DO NOTHING
 RETURNING exp_id
 
+-- name: skip_to_exp_id
+-- Move the sequence forward to $1 (the next claim takes $1 + 1), never back: a concurrent
+-- claim that moved it further keeps its place, and ON CONFLICT still guards every id.
+SELECT setval('exp_id_seq', $1::bigint) FROM exp_id_seq WHERE last_value < $1::bigint
+
 -- name: exp_id_row
 SELECT e.exp_id, e.account, e.canon_name, e.claimed_by, s.exp_id IS NOT NULL AS is_slot,
        s.locked, s.canon_name AS slot_canon
