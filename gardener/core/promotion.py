@@ -194,8 +194,11 @@ def cut(
     prior_ratio: float,
     protected: frozenset[str] = frozenset(),
     paired_se: Callable[[str, str], float | None] | None = None,
+    wait: bool = False,
 ) -> CutResult:
-    """Verdicts for every trial with a level at the rung (sorted by level, then name)."""
+    """Verdicts for every trial with a level at the rung (sorted by level, then name).
+    ``wait``: while some of the cohort is still on its way (``coming``), rank only; nobody
+    is below a cut yet (the separations would be thrown away at every early arrival)."""
     levels = _with_known_se(levels)
     earlier = _with_known_se(earlier)
     ranked = sorted(levels, key=lambda n: (levels[n].value, n))
@@ -205,7 +208,7 @@ def cut(
     rs = reshuffle(levels, earlier, span, prior_ratio, boundary / max(horizon, 1))
     remaining = max(0.0, math.log(max(horizon, boundary) / boundary))
     z = float(special.ndtri(prune_level))
-    cut_name = ranked[keep - 1] if len(ranked) >= keep else None
+    cut_name = ranked[keep - 1] if len(ranked) >= keep and not (wait and coming > 0) else None
     values = [lv.value for lv in levels.values()]
     scale = float(np.mean(values) - min(values)) if values else 0.0
     price = PRICE_PER_RISK * (1.0 - prune_level)

@@ -13,7 +13,6 @@ decided there or later): the same set before and after this call's decisions are
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from gardener.core import gates
@@ -136,7 +135,7 @@ def _verdict(
 
 
 # -- gardener -------------------------------------------------------------------------------------
-def _gardener_cut(view: RaceView, r: int, cohort: list[Curve]) -> CutResult:
+def _gardener_cut(view: RaceView, r: int, cohort: list[Curve], wait: bool) -> CutResult:
     cfg = view.cfg
     boundary = cfg.rungs[r]
     past = max(1, boundary // 2)
@@ -170,6 +169,7 @@ def _gardener_cut(view: RaceView, r: int, cohort: list[Curve]) -> CutResult:
         prior_ratio=RESHUFFLE_PRIOR if cfg.reshuffle_prior is None else cfg.reshuffle_prior,
         protected=protected,
         paired_se=lambda a, b: _paired_se(view, view.by_name[a], view.by_name[b], boundary),
+        wait=wait,
     )
 
 
@@ -214,14 +214,10 @@ def _gardener_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decis
     pend = {c.name for c in pending}
     cohort = _cohort(view, r, pend)
     final = rule is RungRule.VERDICT or r == len(cfg.rungs) - 1
-    res = _gardener_cut(view, r, cohort)
+    # While part of the cohort is still on its way, an early arrival is kept for now (it
+    # runs on) and judged with the rest when the last of them arrives (below).
+    res = _gardener_cut(view, r, cohort, wait=not final)
     complete = res.expected <= len(res.verdicts)
-    if not complete and not final:
-        # Part of the cohort is still on its way: an early arrival is kept for now (it runs
-        # on) and judged with the rest when the last of them arrives (below).
-        res = replace(res, cut_name=None, verdicts={
-            k: replace(v, below_cut=False, prune=False) for k, v in res.verdicts.items()
-        })
     ranked = sorted(res.verdicts.values(), key=lambda v: v.rank)
     best = view.by_name[ranked[0].name] if ranked else None
     n = len(ranked)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from gardener.core.config import DecisionConfig, Policy, RungRule, rules_for
 from gardener.core.decide import apply_to_snapshot, decide, leader_of
-from gardener.core.promotion import expected_gain
+from gardener.core.levels import Level
+from gardener.core.promotion import cut, expected_gain
 from gardener.core.seeds import phi_seed
 from gardener.core.types import (
     Action,
@@ -51,7 +52,7 @@ def make(n: int, lasts: list[int], offsets: list[float], *, seed: int = 0, noise
                                 rung=(rungs[i] if rungs else -1)))
     used = {VARIANT: frozenset(100 + i for i in range(n))}
     return Snapshot("race", 0.0, tuple(trials), used_seeds=used, horizon=RUNGS[-1],
-                    **snap)  # type: ignore[arg-type]
+                    **snap)
 
 
 @st.composite
@@ -235,6 +236,28 @@ def test_gardener_keeps_what_it_cannot_tell_apart_and_prunes_clear_losers() -> N
         sep = pruned[name].numbers["separation"]
         assert "not worth its remaining compute" in pruned[name].reason
         assert sep["bound"] <= 0 < sep["expected_gain"] < sep["worth"]
+
+
+def test_a_cut_waiting_for_its_cohort_ranks_only() -> None:
+    levels = {f"t{i}": Level(float(i), 0.01, 0.01, 10, 0.01, 100, 200) for i in range(8)}
+    asked: list[tuple[str, str]] = []
+
+    def paired(a: str, b: str) -> float:
+        asked.append((a, b))
+        return 0.01
+
+    kw = dict(boundary=200, past=100, horizon=1000, eta=4.0, prune_level=0.9,
+              prior_ratio=1.3, paired_se=paired)
+    waiting = cut(levels, {}, coming=4, wait=True, **kw)
+    assert waiting.cut_name is None and not asked
+    assert [v.rank for v in sorted(waiting.verdicts.values(), key=lambda v: v.rank)] == list(
+        range(1, 9))
+    assert not any(v.below_cut or v.prune or v.gap is not None for v in waiting.verdicts.values())
+    # The same cohort complete (or not waiting) is judged: a cut, separations, prunes.
+    for res in (cut(levels, {}, coming=0, wait=True, **kw),
+                cut(levels, {}, coming=4, wait=False, **kw)):
+        assert res.cut_name is not None and asked
+        assert any(v.prune for v in res.verdicts.values())
 
 
 def test_expected_gain_is_the_mean_shortfall_below_the_cut() -> None:
