@@ -146,8 +146,6 @@ class CutResult:
     remaining_log_steps: float
     reshuffle: Reshuffle
     verdicts: dict[str, Verdict]
-    scale: float = 0.0  # the cohort's mean level minus its best
-    price: float = 0.0  # the least gain worth the rest of the horizon, per share of it and scale
 
 
 def expected_gain(gap: float, sd: float) -> float:
@@ -211,8 +209,9 @@ def cut(
     cut_name = ranked[keep - 1] if len(ranked) >= keep and not (wait and coming > 0) else None
     values = [lv.value for lv in levels.values()]
     scale = float(np.mean(values) - min(values)) if values else 0.0
-    price = PRICE_PER_RISK * (1.0 - prune_level)
     left = 1.0 - min(max(boundary / max(horizon, 1), 0.0), 1.0)
+    # The least gain that pays for a trial's remaining compute (module docstring).
+    worth = PRICE_PER_RISK * (1.0 - prune_level) * left * scale
     verdicts: dict[str, Verdict] = {}
     for i, name in enumerate(ranked):
         below = cut_name is not None and i >= keep
@@ -229,7 +228,7 @@ def cut(
             se2 = min(se2, pair**2)
         sd = math.sqrt(se2 + 2.0 * rs.rate)
         bound = gap - z * sd
-        gain, worth = expected_gain(gap, sd), price * left * scale
+        gain = expected_gain(gap, sd)
         prune = (bound > 0 or gain < worth) and name not in protected
         verdicts[name] = Verdict(name, i + 1, True, prune, gap, sd, bound, gain, worth)
-    return CutResult(keep, expected, cut_name, z, remaining, rs, verdicts, scale, price)
+    return CutResult(keep, expected, cut_name, z, remaining, rs, verdicts)

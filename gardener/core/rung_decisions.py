@@ -256,18 +256,13 @@ def _gardener_rung(view: RaceView, r: int, pending: list[Curve], out: list[Decis
             continue
         if v.prune:
             nums["cause"] = CAUSE_RUNG
-            if v.clearly_worse:
-                why = (
-                    f"{head}, below the cut (keep {res.keep} of {res.expected}) and clearly "
-                    f"worse than {res.cut_name}: gap {_fmt(v.gap)} > {res.z:.2f} x sd "
-                    f"{v.sd:.3g} (jitter and reshuffling to the horizon)"
-                )
-            else:
-                why = (
-                    f"{head}, below the cut (keep {res.keep} of {res.expected}) and not worth "
-                    f"its remaining compute: expected gain over {res.cut_name} "
-                    f"{_fmt(v.gain)} < {_fmt(v.worth)} (gap {_fmt(v.gap)}, sd {_fmt(v.sd)})"
-                )
+            why = f"{head}, below the cut (keep {res.keep} of {res.expected}) and " + (
+                f"clearly worse than {res.cut_name}: gap {_fmt(v.gap)} > {res.z:.2f} x sd "
+                f"{v.sd:.3g} (jitter and reshuffling to the horizon)"
+                if v.clearly_worse
+                else f"not worth its remaining compute: expected gain over {res.cut_name} "
+                f"{_fmt(v.gain)} < {_fmt(v.worth)} (gap {_fmt(v.gap)}, sd {_fmt(v.sd)})"
+            )
             out.append(Decision(Action.PRUNE, c.name, r, f"prune: {why}", st.state, nums))
             continue
         if rule is RungRule.PROMOTE and best is not None and c.name == best.name:
