@@ -203,15 +203,15 @@ def cut(
     expected = len(ranked) + max(0, coming)
     keep = max(1, math.ceil(expected / eta))
     span = math.log(boundary / past) if 0 < past < boundary else 0.0
-    rs = reshuffle(levels, earlier, span, prior_ratio, boundary / max(horizon, 1))
+    done = min(max(boundary / max(horizon, 1), 0.0), 1.0)  # the share of the horizon run
+    rs = reshuffle(levels, earlier, span, prior_ratio, done)
     remaining = max(0.0, math.log(max(horizon, boundary) / boundary))
     z = float(special.ndtri(prune_level))
     cut_name = ranked[keep - 1] if len(ranked) >= keep and not (wait and coming > 0) else None
     values = [lv.value for lv in levels.values()]
     scale = float(np.mean(values) - min(values)) if values else 0.0
-    left = 1.0 - min(max(boundary / max(horizon, 1), 0.0), 1.0)
     # The least gain that pays for a trial's remaining compute (module docstring).
-    worth = PRICE_PER_RISK * (1.0 - prune_level) * left * scale
+    worth = PRICE_PER_RISK * (1.0 - prune_level) * (1.0 - done) * scale
     verdicts: dict[str, Verdict] = {}
     for i, name in enumerate(ranked):
         below = cut_name is not None and i >= keep
